@@ -1,0 +1,131 @@
+"""Safe reading and writing of PyTorch / safetensors weight files.
+
+Shared by the DeepFlow converter (``convert.py``) and the VAE converter
+(``convert_vae.py``). Nothing here ever unpickles arbitrary objects: ``.pt`` /
+``.pth`` / ``.bin`` files are read with ``torch.load(weights_only=True)`` and only
+``argparse.Namespace`` is allow-listed (the reference stores its ``args`` that
+way). A file that tries to run code while being unpickled is refused and no code
+in it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from deepflow_jax.errors import UserError
+
+
+class ConversionError(UserError):
+  """A checkpoint could not be converted; the message is one line for users."""
+
+
+def _import_torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ConversionError(
+        "reading PyTorch files needs torch: pip install 'deepflow-jax[torch]' "
+        "(or pip install torch==2.13.0 for the CPU build)") from e
+  return torch
+
+
+def load_weights_file(path: str) -> Any:
+  """Loads a ``.pt``/``.pth``/``.bin`` (safe unpickling) or ``.safetensors`` file.
+
+  Returns what the file holds: for torch files a (nested) dict whose tensors are
+  still ``torch.Tensor``; for safetensors a flat ``{key: np.ndarray}``.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise ConversionError(f"{path}: no such file")
+  if os.path.isdir(path):
+    raise ConversionError(f"{path}: is a directory, expected a checkpoint file")
+  if path.endswith(".safetensors"):
+    try:
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+      return load_file(path)
+    except Exception as e:  # safetensors raises several types for bad files
+      raise ConversionError(f"{path}: not a readable safetensors file ({_one_line(e)})") from e
+  torch = _import_torch()
+  import pickle  # pylint: disable=g-import-not-at-top
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ConversionError(
+        f"{path}: refused to load: the file asks to run code or build objects that "
+        f"are not plain tensors ({_one_line(e)[:200]})") from e
+  except (RuntimeError, EOFError, OSError, ValueError) as e:
+    raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({_one_line(e)[:200]})") from e
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0] if text else type(e).__name__
+
+
+def to_numpy(value) -> np.ndarray:
+  """torch.Tensor or array-like -> numpy array (bfloat16/half upcast to float32)."""
+  if hasattr(value, "detach"):  # torch.Tensor
+    t = value.detach().cpu()
+    if t.dtype.is_floating_point and t.dtype.itemsize < 4:
+      t = t.float()
+    return t.numpy()
+  return np.asarray(value)
+
+
+def flat_state_dict(obj: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
+  """Turns a state_dict of tensors into ``{key: np.ndarray}``."""
+  out = {}
+  for k, v in obj.items():
+    if not isinstance(k, str):
+      raise ConversionError(f"{source}: state_dict key {k!r} is not a string")
+    if not (hasattr(v, "detach") or isinstance(v, np.ndarray)):
+      raise ConversionError(
+          f"{source}: entry {k!r} is a {type(v).__name__}, expected a tensor")
+    out[k] = to_numpy(v)
+  return out
+
+
+def check_state_dict(expected: Mapping[str, tuple[int, ...]],
+                     got: Mapping[str, np.ndarray], source: str) -> None:
+  """Raises one ConversionError listing missing, unexpected and mis-shaped keys."""
+  missing = sorted(set(expected) - set(got))
+  unexpected = sorted(set(got) - set(expected))
+  misshaped = sorted(
+      f"{k} {tuple(got[k].shape)} (expected {tuple(expected[k])})"
+      for k in set(expected) & set(got)
+      if tuple(got[k].shape) != tuple(expected[k]))
+  if not (missing or unexpected or misshaped):
+    return
+  parts = []
+  if missing:
+    parts.append(f"missing keys: {_short_list(missing)}")
+  if unexpected:
+    parts.append(f"unexpected keys: {_short_list(unexpected)}")
+  if misshaped:
+    parts.append(f"mis-shaped: {_short_list(misshaped)}")
+  raise ConversionError(f"{source}: state_dict does not match the model; " + "; ".join(parts))
+
+
+def _short_list(items, limit=12) -> str:
+  if len(items) <= limit:
+    return ", ".join(items)
+  return ", ".join(items[:limit]) + f", ... ({len(items) - limit} more)"
+
+
+def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+  """Writes ``{key: array}`` as a ``.pt`` of torch tensors (or ``.safetensors``)."""
+  path = os.fspath(path)
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
+    return
+  torch = _import_torch()
+  tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+  tmp = path + ".tmp"
+  torch.save(tensors, tmp)
+  os.replace(tmp, path)

@@ -1,0 +1,37 @@
+"""deepflow-jax: DeepFlow (ICCV 2025) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="deepflow-jax",
+    version="0.1.0",
+    description="DeepFlow (Deeply Supervised Flow-Based Generative Models) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["deepflow_jax", "deepflow_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "array-record>=0.8.6",
+        "einops>=0.8",
+        "ml-collections>=1.1.0",
+        "clu>=0.0.12",
+        "numpy>=1.26",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "scikit-learn>=1.3",
+        "tensorboardX>=2.6",
+        "absl-py",
+    ],
+    extras_require={
+        # Conversion of PyTorch checkpoints. Pin to the CPU build; a bare
+        # `torch` requirement pulls a multi-GB CUDA build.
+        "torch": ["torch==2.13.0"],
+        "tfds": ["tensorflow-datasets>=4.9.10"],
+        "test": ["pytest>=8", "torch==2.13.0", "tensorflow-datasets>=4.9.10"],
+    },
+)
