@@ -61,3 +61,76 @@ def decode_record(data: bytes, *, where: str = "record",
     raise UserError(f"{where}: latent shape {tuple(mean.shape)}, expected {tuple(latent_shape)}")
   return {"mean": mean.astype(np.float32), "std": std.astype(np.float32),
           "label": int(rec["label"]), "index": int(rec["index"])}
+
+
+def write_latent_dataset(
+    directory,
+    examples,
+    *,
+    num_examples: int,
+    num_classes: int,
+    split: str = "train",
+    num_shards: int = 1,
+    resolution: int = 0,
+    vae: str = "",
+    extra_metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+  """Writes a latent dataset in this schema; returns the metadata written.
+
+  ``examples`` yields ``(mean, std, label)`` with mean/std float32 (h, w, c) NHWC,
+  in the order that defines each record's ``index`` (0, 1, ...). Example ``i``
+  goes to shard ``i * num_shards // num_examples`` (contiguous, near-equal
+  shards). Records are written with ``group_size:1`` (grain's random access) and
+  ``metadata.json`` is written last, through a temporary file and a rename, so a
+  directory with ``metadata.json`` is complete. Errors (wrong count, mismatched
+  shapes, labels out of range) raise ``UserError``; existing shards of the same
+  names are overwritten.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
+  directory = os.fspath(directory)
+  if num_examples <= 0 or not 1 <= num_shards <= num_examples:
+    raise UserError(f"need num_examples > 0 and 1 <= num_shards <= num_examples, "
+                    f"got {num_examples} examples, {num_shards} shards")
+  os.makedirs(directory, exist_ok=True)
+  names = [shard_name(split, s, num_shards) for s in range(num_shards)]
+  latent_shape = None
+  writer, current, count = None, -1, 0
+  try:
+    for i, (mean, std, label) in enumerate(examples):
+      if i >= num_examples:
+        raise UserError(f"{directory}: more than num_examples={num_examples} examples given")
+      mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+      if latent_shape is None:
+        latent_shape = tuple(int(d) for d in mean.shape)
+      if mean.shape != latent_shape or std.shape != latent_shape:
+        raise UserError(f"example {i}: mean {mean.shape} / std {std.shape}, expected {latent_shape}")
+      if not 0 <= int(label) < num_classes:
+        raise UserError(f"example {i}: label {label} not in [0, {num_classes})")
+      shard = i * num_shards // num_examples
+      if shard != current:
+        if writer is not None:
+          writer.close()
+        writer = array_record_module.ArrayRecordWriter(
+            os.path.join(directory, names[shard]), "group_size:1")
+        current = shard
+      writer.write(encode_record(mean, std, int(label), i))
+      count += 1
+  finally:
+    if writer is not None:
+      writer.close()
+  if count != num_examples:
+    raise UserError(f"{directory}: got {count} examples, num_examples={num_examples}")
+  metadata = {
+      "schema": SCHEMA, "num_examples": int(num_examples), "shards": names,
+      "latent_shape": list(latent_shape), "num_classes": int(num_classes),
+      "resolution": int(resolution), "vae": str(vae), "scaling_factor": 0.18215,
+  }
+  metadata.update(extra_metadata or {})
+  tmp = os.path.join(directory, METADATA_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(metadata, f, indent=2)
+  os.replace(tmp, os.path.join(directory, METADATA_FILE))
+  return metadata

@@ -1,0 +1,1 @@
+"""Evaluation helpers (digits classifier accuracy and Frechet distance)."""

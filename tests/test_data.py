@@ -1,0 +1,318 @@
+"""Digits data, grain pipelines (order, sharding, resume), REPA/ArrayRecord readers, errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from deepflow_jax.data import digits, pipeline, records
+from deepflow_jax.errors import UserError
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def digits_iter(seed=3, *, process_index=0, process_count=1, global_batch_size=8, **cfg):
+  return pipeline.make_train_iterator(
+      {"name": "digits", "include_index": True, **cfg}, global_batch_size=global_batch_size,
+      process_index=process_index, process_count=process_count, seed=seed)
+
+
+# ---------------------------------------------------------------------------- digits
+
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_digits_split(size):
+  (xt, yt), (xh, yh) = digits.load_digits_split(size)
+  assert xt.shape == (1438, size, size, 1) and xh.shape == (359, size, size, 1)
+  assert xt.dtype == xh.dtype == np.float32 and yt.dtype == yh.dtype == np.int32
+  assert xt.min() == -1.0 and xt.max() == 1.0 and xh.min() >= -1.0 and xh.max() <= 1.0
+  assert set(yt) == set(yh) == set(range(10))
+  counts = np.bincount(yh, minlength=10) / np.bincount(np.concatenate([yt, yh]), minlength=10)
+  assert np.all(np.abs(counts - 0.2) < 0.02)  # stratified
+  train_idx, heldout_idx = digits.split_indices()
+  assert not set(train_idx) & set(heldout_idx)
+  assert len(train_idx) + len(heldout_idx) == digits.num_examples() == 1797
+  (xt2, _), (xh2, _) = digits.load_digits_split(size)
+  np.testing.assert_array_equal(xt, xt2)
+  np.testing.assert_array_equal(xh, xh2)
+
+
+def test_digits_native_values():
+  from sklearn.datasets import load_digits
+  raw = load_digits()
+  (xt, yt), _ = digits.load_digits_split(8)
+  train_idx, _ = digits.split_indices()
+  np.testing.assert_array_equal(xt[..., 0], (raw.images[train_idx] / 8.0 - 1.0).astype(np.float32))
+  np.testing.assert_array_equal(yt, raw.target[train_idx])
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+
+def test_digits_batches_and_info():
+  b = next(digits_iter(global_batch_size=8, image_size=16))
+  assert b["image"].shape == (8, 16, 16, 1) and b["image"].dtype == np.float32
+  assert b["label"].shape == (8,) and b["label"].dtype == np.int32
+  info = pipeline.dataset_info({"name": "digits", "image_size": 16})
+  assert (info.shape, info.channels, info.num_classes, info.is_latent) == ((16, 16, 1), 1, 10, False)
+  assert info.num_examples == 1438
+
+
+def test_deterministic_order_and_reshuffle():
+  a = [b["index"] for b in take(digits_iter(3), 4)]
+  b = [b["index"] for b in take(digits_iter(3, num_threads=2), 4)]
+  c = [b["index"] for b in take(digits_iter(4), 4)]
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  # Two epochs of the held-out split (359 examples): each a permutation, in different orders.
+  it = digits_iter(5, split="heldout", global_batch_size=1, num_epochs=2)
+  idx = np.concatenate([x["index"] for x in it])
+  assert len(idx) == 718
+  assert sorted(idx[:359]) == sorted(idx[359:]) == list(range(359))
+  assert not np.array_equal(idx[:359], idx[359:])
+
+
+def test_process_sharding():
+  n = 1438
+  shards = [np.concatenate([x["index"] for x in digits_iter(
+      7, process_index=p, process_count=2, global_batch_size=2, num_epochs=1)]) for p in (0, 1)]
+  assert len(shards[0]) == len(shards[1]) == n // 2
+  assert not set(shards[0]) & set(shards[1])
+  assert set(shards[0]) | set(shards[1]) == set(range(n))
+  # The global batch (union over processes) does not depend on the process count.
+  single = take(digits_iter(7, global_batch_size=8), 3)
+  split = [take(digits_iter(7, process_index=p, process_count=2, global_batch_size=8), 3)
+           for p in (0, 1)]
+  for k in range(3):
+    assert split[0][k]["index"].shape == (4,)
+    union = np.concatenate([split[0][k]["index"], split[1][k]["index"]])
+    assert sorted(union) == sorted(single[k]["index"])
+
+
+def test_batch_size_errors():
+  with pytest.raises(UserError, match="multiple of the process count"):
+    digits_iter(global_batch_size=10, process_count=4)
+  with pytest.raises(UserError, match="unknown data config"):
+    digits_iter(imagesize=8)
+  with pytest.raises(UserError, match="data.name"):
+    pipeline.make_train_iterator({"name": "cifar"}, global_batch_size=8, process_index=0,
+                                 process_count=1, seed=0)
+
+
+def check_resume(make):
+  it = make()
+  take(it, 5)
+  state = json.loads(json.dumps(it.get_state()))
+  want = take(it, 3)
+  fresh = make()
+  fresh.set_state(state)
+  got = take(fresh, 3)
+  for w, g in zip(want, got):
+    assert w.keys() == g.keys()
+    for k in w:
+      np.testing.assert_array_equal(w[k], g[k])
+  return state
+
+
+def test_resume_digits():
+  state = check_resume(lambda: digits_iter(11, process_index=1, process_count=2,
+                                           global_batch_size=6, num_threads=2))
+  assert state == {"next_index": 15}
+  # The state does not depend on the process: one process's saved state restores all.
+  p0 = digits_iter(11, process_index=0, process_count=2, global_batch_size=6)
+  take(p0, 5)
+  assert p0.get_state() == state
+
+
+def test_orbax_grain_checkpoint(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  import grain
+  it = digits_iter(2)
+  take(it, 5)
+  mngr = ocp.CheckpointManager(os.fspath(tmp_path / "ckpt"), item_names=("data",))
+  mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+  mngr.wait_until_finished()
+  want = take(it, 3)
+  fresh = digits_iter(2)
+  mngr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  for w, g in zip(want, take(fresh, 3)):
+    np.testing.assert_array_equal(w["image"], g["image"])
+  mngr.close()
+
+
+# ---------------------------------------------------------------------------- REPA layout
+
+
+def write_repa(root, n=7, shape=(8, 4, 4), labels=None, per_folder=4):
+  """Writes n .npy files in REPA's layout; returns {relative name: (array, label)}."""
+  rng = np.random.default_rng(0)
+  feat = os.path.join(root, "vae-sd")
+  items = {}
+  for i in range(n):
+    name = f"{i // per_folder:05d}/img-mean-std-{i:08d}.npy"
+    os.makedirs(os.path.join(feat, os.path.dirname(name)), exist_ok=True)
+    arr = rng.normal(size=shape).astype(np.float32)
+    arr[shape[0] // 2:] = np.abs(arr[shape[0] // 2:])
+    np.save(os.path.join(feat, name), arr)
+    items[name] = (arr, (3 * i + 1) % 5)
+  entries = [[k, v[1]] for k, v in reversed(list(items.items()))]  # order must not matter
+  with open(os.path.join(feat, "dataset.json"), "w") as f:
+    json.dump({"labels": entries if labels is None else labels}, f)
+  return items
+
+
+def repa_iter(path, batch=1, seed=0, **cfg):
+  return pipeline.make_train_iterator(
+      {"name": "repa", "path": os.fspath(path), "include_index": True, **cfg},
+      global_batch_size=batch, process_index=0, process_count=1, seed=seed)
+
+
+def test_repa_layout(tmp_path):
+  items = write_repa(tmp_path)
+  names = sorted(items)
+  for path in (tmp_path, tmp_path / "vae-sd"):
+    batches = list(repa_iter(path, shuffle=False, num_epochs=1))
+    assert len(batches) == len(names)
+    for i, (b, name) in enumerate(zip(batches, names)):
+      arr, label = items[name]
+      assert b["mean"].shape == b["std"].shape == (1, 4, 4, 4)
+      assert b["mean"].dtype == np.float32 and b["label"].dtype == np.int32
+      np.testing.assert_array_equal(b["mean"][0], arr[:4].transpose(1, 2, 0))
+      np.testing.assert_array_equal(b["std"][0], arr[4:].transpose(1, 2, 0))
+      assert b["mean"][0, 1, 2, 3] == arr[3, 1, 2]
+      assert b["label"][0] == label and b["index"][0] == i
+  info = pipeline.dataset_info({"name": "repa", "path": os.fspath(tmp_path)})
+  assert (info.shape, info.channels, info.num_classes, info.num_examples) == ((4, 4, 4), 4, 5, 7)
+  assert info.is_latent and info.resolution == 32
+  check_resume(lambda: repa_iter(tmp_path, batch=2, seed=1, num_threads=2))
+
+
+def test_repa_label_file_errors(tmp_path):
+  items = write_repa(tmp_path)
+  label_file = os.path.join(tmp_path, "vae-sd", "dataset.json")
+  os.remove(label_file)
+  with pytest.raises(UserError, match="dataset.json: missing"):
+    repa_iter(tmp_path)
+  entries = [[k, v[1]] for k, v in items.items()]
+  for bad, msg in [(entries[1:], "no label for 1 of 7"),
+                   (entries + [["00009/x.npy", 1]], "not present"),
+                   (None, "null")]:
+    with open(label_file, "w") as f:
+      json.dump({"labels": bad}, f)
+    with pytest.raises(UserError, match=msg) as e:
+      repa_iter(tmp_path)
+    assert label_file in str(e.value)
+  b = next(repa_iter(tmp_path, missing_labels="zero", shuffle=False))
+  assert b["label"][0] == 0
+  with open(label_file, "w") as f:
+    json.dump({"labels": entries}, f)
+  with pytest.raises(UserError, match="label 4 not in"):
+    repa_iter(tmp_path, num_classes=4)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "wrong_shape", "pickled"])
+def test_repa_bad_npy_names_file_and_index(tmp_path, kind):
+  items = write_repa(tmp_path)
+  name = sorted(items)[5]
+  path = os.path.join(tmp_path, "vae-sd", name)
+  if kind == "truncated":
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+      f.write(data[:-40])
+  elif kind == "wrong_shape":
+    np.save(path, np.zeros((8, 4, 5), np.float32))
+  else:
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  it = repa_iter(tmp_path, batch=2, shuffle=False, num_threads=2)
+  take(it, 2)
+  with pytest.raises(UserError) as e:
+    take(it, 1)  # examples 4, 5
+  assert path in str(e.value) and "example 5" in str(e.value)
+
+
+# ---------------------------------------------------------------------------- ArrayRecord
+
+
+def make_examples(n, shape=(4, 4, 4), seed=0):
+  rng = np.random.default_rng(seed)
+  return [(rng.normal(size=shape).astype(np.float32),
+           np.abs(rng.normal(size=shape)).astype(np.float32), i % 3) for i in range(n)]
+
+
+def ar_iter(path, batch=1, seed=0, **cfg):
+  return pipeline.make_train_iterator(
+      {"name": "arrayrecord", "path": os.fspath(path), "include_index": True, **cfg},
+      global_batch_size=batch, process_index=0, process_count=1, seed=seed)
+
+
+def test_arrayrecord_roundtrip(tmp_path):
+  ex = make_examples(10)
+  meta = records.write_latent_dataset(tmp_path, ex, num_examples=10, num_classes=3, num_shards=3,
+                                      resolution=32, vae="test")
+  assert meta["shards"] == [records.shard_name("train", s, 3) for s in range(3)]
+  batches = list(ar_iter(tmp_path, shuffle=False, num_epochs=1))
+  assert len(batches) == 10
+  for i, b in enumerate(batches):
+    np.testing.assert_array_equal(b["mean"][0], ex[i][0])
+    np.testing.assert_array_equal(b["std"][0], ex[i][1])
+    assert b["label"][0] == ex[i][2] and b["index"][0] == i
+  info = pipeline.dataset_info({"name": "arrayrecord", "path": os.fspath(tmp_path)})
+  assert (info.shape, info.num_classes, info.num_examples, info.resolution) == ((4, 4, 4), 3, 10, 32)
+  shuffled = np.concatenate([b["index"] for b in ar_iter(tmp_path, batch=5, num_epochs=1)])
+  assert sorted(shuffled) == list(range(10)) and list(shuffled) != list(range(10))
+  check_resume(lambda: ar_iter(tmp_path, batch=2, seed=4, num_threads=2))
+
+
+def test_arrayrecord_bad_record_names_shard_and_position(tmp_path):
+  from array_record.python import array_record_module
+  ex = make_examples(6)
+  records.write_latent_dataset(tmp_path, ex, num_examples=6, num_classes=3, num_shards=2)
+  shard = os.path.join(tmp_path, records.shard_name("train", 1, 2))
+  w = array_record_module.ArrayRecordWriter(shard, "group_size:1")
+  for i in range(3, 6):
+    w.write(b"\xc1 not msgpack" if i == 4 else records.encode_record(*ex[i], i))
+  w.close()
+  it = ar_iter(tmp_path, batch=2, shuffle=False, num_threads=2)
+  take(it, 1)
+  with pytest.raises(UserError) as e:
+    take(it, 2)  # examples 2..5
+  assert shard in str(e.value) and "record 1 (example 4)" in str(e.value)
+
+
+def test_arrayrecord_corrupt_bytes(tmp_path):
+  rng = np.random.default_rng(1)
+  ex = [(rng.normal(size=(16, 16, 4)).astype(np.float32),) * 2 + (0,) for _ in range(20)]
+  records.write_latent_dataset(tmp_path, ex, num_examples=20, num_classes=1)
+  shard = os.path.join(tmp_path, records.shard_name("train", 0, 1))
+  data = bytearray(open(shard, "rb").read())
+  for k in range(len(data) // 3, len(data) // 3 + 64):
+    data[k] ^= 0xFF
+  with open(shard, "wb") as f:
+    f.write(bytes(data))
+  src = pipeline.make_source({"name": "arrayrecord", "path": os.fspath(tmp_path)})
+  errors = []
+  for i in range(len(src)):
+    try:
+      src[i]
+    except UserError as e:
+      errors.append(str(e))
+  assert errors and all(shard in e and "(example " in e for e in errors)
+
+
+def test_arrayrecord_metadata_errors(tmp_path):
+  with pytest.raises(UserError, match="metadata.json: missing"):
+    ar_iter(tmp_path)
+  records.write_latent_dataset(tmp_path, make_examples(4), num_examples=4, num_classes=3)
+  meta_file = os.path.join(tmp_path, records.METADATA_FILE)
+  meta = json.load(open(meta_file))
+  json.dump(dict(meta, num_examples=5), open(meta_file, "w"))
+  with pytest.raises(UserError, match="num_examples 5, but the shards hold 4"):
+    ar_iter(tmp_path)
+  json.dump(dict(meta, shards=["nope.array_record"]), open(meta_file, "w"))
+  with pytest.raises(UserError, match="nope.array_record: shard listed"):
+    ar_iter(tmp_path)
+  json.dump(dict(meta, latent_shape=[2, 2, 4]), open(meta_file, "w"))
+  with pytest.raises(UserError, match=r"latent shape \(4, 4, 4\), expected \(2, 2, 4\)"):
+    next(ar_iter(tmp_path))
