@@ -7,9 +7,10 @@ Command line::
         [--guidance_low=0.0] [--guidance_high=1.0] [--per_device_batch=16] [--seed=0] \\
         [--labels=random|cycle] [--vae=VAE_DIR] [--dtype=float32|bfloat16]
 
-``--checkpoint`` is anything ``load_model_for_sampling`` accepts (a directory
-written by ``python -m deepflow_jax.convert``; other loaders can be registered
-with ``register_model_loader``).
+``--checkpoint`` is anything ``load_model_for_sampling`` accepts: a directory
+written by ``python -m deepflow_jax.convert``, or a training workdir of
+``python -m deepflow_jax.main`` (the EMA weights of its newest readable
+checkpoint); other loaders can be registered with ``register_model_loader``.
 
 Determinism: sample ``i`` uses ``k = fold_in(key(seed), i)`` split into three
 keys: its starting noise ``normal(k0, (H, W, C))``, its per-step SDE noise
@@ -115,7 +116,20 @@ def _is_converted(path: str) -> bool:
   return is_converted_dir(path)
 
 
-MODEL_LOADERS: list[ModelLoader] = [ModelLoader("converted", _is_converted, _load_converted)]
+def _is_workdir(path: str) -> bool:
+  from deepflow_jax.checkpointing import is_workdir  # pylint: disable=g-import-not-at-top
+  return is_workdir(path)
+
+
+def _load_workdir(path: str, dtype: str):
+  from deepflow_jax.checkpointing import load_workdir_ema  # pylint: disable=g-import-not-at-top
+  return load_workdir_ema(path, dtype)
+
+
+MODEL_LOADERS: list[ModelLoader] = [
+    ModelLoader("converted", _is_converted, _load_converted),
+    ModelLoader("workdir", _is_workdir, _load_workdir),  # EMA weights of the newest checkpoint
+]
 
 
 def register_model_loader(name: str, can_load: Callable[[str], bool],

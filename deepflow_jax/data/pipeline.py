@@ -36,13 +36,17 @@ Order, sharding, batching
 -------------------------
 ``MapDataset.source(src).shuffle(seed).repeat(num_epochs)``: a global
 permutation of all examples, reshuffled every epoch (grain mixes the epoch into
-the seed), then ``[process_index::process_count]``: process ``p`` takes stream
-positions ``p, p + P, p + 2P, ...`` and reads only those examples. Consequences:
+the seed), then process ``p`` of ``P`` takes, from every global batch of ``G``
+stream positions, its contiguous block of ``B = G / P`` (positions
+``[b G + p B, b G + (p + 1) B)`` for batch ``b``) and reads only those
+examples. Consequences:
 within one epoch the processes' examples are disjoint and together cover the
 dataset (up to ``N mod P`` examples at epoch boundaries when ``P`` does not
 divide ``N``), and global batch ``b`` (the union over processes of their batch
 ``b``) is stream positions ``[b * G, (b + 1) * G)`` for global batch size ``G``,
-whatever the process count. Elements are read by ``num_threads`` threads
+in that order once the processes' rows are stacked in process order (what
+``jax.make_array_from_process_local_data`` does): the same global batch, row
+for row, whatever the process count. Elements are read by ``num_threads`` threads
 (``to_iter_dataset(ReadOptions(...))``, ``prefetch_buffer_size`` elements ahead),
 then batched with ``drop_remainder=True``. ``num_workers > 0`` adds grain's
 ``mp_prefetch`` (worker processes, each batching a slice of the stream; the batch
@@ -79,6 +83,7 @@ import json
 import os
 from typing import Any, Mapping
 
+import grain
 import numpy as np
 
 from deepflow_jax.data import digits as digits_lib
@@ -332,7 +337,6 @@ class ArrayRecordLatentSource:
 
   def __init__(self, path, *, num_classes: int | None = None,
                latent_shape: tuple[int, int, int] | None = None, include_index: bool = False):
-    import grain  # pylint: disable=g-import-not-at-top
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
     path = os.fspath(path)
@@ -446,6 +450,32 @@ def _check_sharding(global_batch_size, process_index, process_count) -> int:
   return global_batch_size // process_count
 
 
+class ProcessBlocks(grain.MapDataset):
+  """Process ``p``'s block of every global batch: positions ``[bG + pB, bG + (p+1)B)``."""
+
+  def __init__(self, parent, batch_size: int, process_index: int, process_count: int):
+    super().__init__(parent)
+    self._b, self._p = int(batch_size), int(process_index)
+    self._g = self._b * int(process_count)
+    self._len = (len(parent) // self._g) * self._b
+
+  def __len__(self) -> int:
+    return self._len
+
+  def _parent_index(self, index: int) -> int:
+    epoch, index = divmod(int(index), self._len)
+    batch, row = divmod(index, self._b)
+    return epoch * (self._len // self._b) * self._g + batch * self._g + self._p * self._b + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      raise TypeError("ProcessBlocks does not support slicing")
+    return self._parent[self._parent_index(index)]
+
+  def __str__(self) -> str:
+    return f"ProcessBlocks(batch={self._b}, process={self._p}, global_batch={self._g})"
+
+
 def build_dataset(source, *, batch_size: int, process_index: int = 0, process_count: int = 1,
                   seed: int = 0, num_epochs: int | None = None, shuffle: bool = True,
                   num_threads: int = 0, prefetch_buffer_size: int | None = None,
@@ -455,8 +485,9 @@ def build_dataset(source, *, batch_size: int, process_index: int = 0, process_co
   Args:
     source: object with ``__len__`` and ``__getitem__(i) -> dict of numpy``.
     batch_size: per-process batch size (rows of each batch).
-    process_index / process_count: this process's shard (stream positions
-      ``process_index::process_count``).
+    process_index / process_count: this process's share: its contiguous block
+      of ``batch_size`` rows of every global batch of
+      ``batch_size * process_count`` stream positions.
     seed: shuffle seed, an integer in [0, 2**32); each epoch is reshuffled.
     num_epochs: None repeats forever; otherwise the stream ends after that many
       epochs (the last partial batch is dropped).
@@ -465,7 +496,6 @@ def build_dataset(source, *, batch_size: int, process_index: int = 0, process_co
       elements, elements buffered ahead).
     num_workers: > 0 adds ``mp_prefetch`` with that many worker processes.
   """
-  import grain  # pylint: disable=g-import-not-at-top
 
   if isinstance(seed, bool) or int(seed) != seed or not 0 <= int(seed) < 2**32:
     raise UserError(f"data seed must be an integer in [0, 2**32), got {seed!r}")
@@ -476,7 +506,7 @@ def build_dataset(source, *, batch_size: int, process_index: int = 0, process_co
     ds = ds.shuffle(seed=int(seed))
   ds = ds.repeat(num_epochs)
   if process_count > 1:
-    ds = ds[process_index::process_count]
+    ds = ProcessBlocks(ds, batch_size, process_index, process_count)
   if num_epochs is not None and len(ds) < batch_size:
     raise UserError(f"{num_epochs} epoch(s) give this process {len(ds)} examples, fewer than one "
                     f"batch of {batch_size}")

@@ -39,9 +39,10 @@ Dtype = Any
 # Logical axis names used by the parameters (map them to mesh axes with rules):
 #   "embed"  the model width D (or 2D for the time-gap path) on the input side
 #   "mlp"    any expanded hidden width (4D MLP, 3D qkv, 6D adaLN, P projector)
+#   "hidden" the other side of hidden-to-hidden matrices (no name twice in one array)
 #   "vocab"  label-table rows;  "patch" patch features (p*p*C);  "freq" the
-#   256 timestep frequency features;  "norm" LayerNorm vectors; "head_dim".
-LOGICAL_AXES = ("embed", "mlp", "vocab", "patch", "freq", "norm", "head_dim")
+#   256 timestep frequency features;  "norm" LayerNorm vectors.
+LOGICAL_AXES = ("embed", "mlp", "hidden", "vocab", "patch", "freq", "norm")
 
 LN_EPS = 1e-6  # every non-affine LayerNorm of the reference
 AFFINE_LN_EPS = 1e-5  # torch nn.LayerNorm default: cross-attention LN, qk-norm
@@ -157,7 +158,7 @@ class TimestepEmbedder(nn.Module):
   @nn.compact
   def __call__(self, t: Array) -> Array:
     f = timestep_features(t, self.frequency_dim).astype(self.dtype)
-    mlp = MLPSeq(features=(self.width, self.width), names=(("freq", "embed"), ("embed", "embed")),
+    mlp = MLPSeq(features=(self.width, self.width), names=(("freq", "embed"), ("embed", "hidden")),
                  indices=(0, 2), kernel_init=normal_002, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="mlp")
     return mlp(f)
@@ -451,7 +452,7 @@ class VeRABlock(nn.Module):
     d, p = self.hidden_size, self.projector_dim
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     a = MLPSeq(features=(p, 2 * p, p, d),
-               names=(("embed", "mlp"), ("mlp", "mlp"), ("mlp", "mlp"), ("mlp", "embed")),
+               names=(("embed", "mlp"), ("hidden", "mlp"), ("mlp", "hidden"), ("mlp", "embed")),
                indices=(0, 2, 4, 6), name="acc_mlp", **kw)(v)
     u = jnp.concatenate([v, a], axis=-1)
     r = TimeGapModulation(d, self.legacy_scaling, name="acc_norm", **kw)(u, e)
@@ -528,7 +529,7 @@ class DeepFlow(nn.Module):
       if self.ssl_align:
         self.projectors = [
             MLPSeq(features=(self.projector_dim, self.projector_dim, self.z_dim),
-                   names=(("embed", "mlp"), ("mlp", "mlp"), ("mlp", "embed")),
+                   names=(("embed", "mlp"), ("hidden", "mlp"), ("mlp", "embed")),
                    indices=(0, 2, 4), **kw) for _ in self.df_idxs
         ]
 

@@ -1,0 +1,28 @@
+"""DeepFlow-XL/2-3T as released: ImageNet 256 latents (32x32x4), depth 24, splits [8, 16].
+
+python -m deepflow_jax.main --config=configs/xl3t.py --workdir=DIR --config.data.path=LATENTS
+The plain SiT baseline under the same setup: --config=configs/xl3t.py:sit
+"""
+from deepflow_jax import config_lib
+
+
+def get_config(arg: str = ""):
+  c = config_lib.base_config()
+  config_lib.set_preset(c, "DeepFlow-XL/2-3T")
+  c.model.input_size = 32
+  c.model.in_channels = 4
+  c.model.num_classes = 1000
+  c.model.dtype = "auto"  # bf16 compute on accelerators, float32 parameters
+  c.loss.scale_weight = (0.2, 0.2, 1.0)
+  c.loss.beta = 0.01
+  c.loss.weighting = "lognormal"
+  c.train.global_batch_size = 256
+  c.train.num_steps = 2_000_000  # ~400 epochs of ImageNet at batch 256
+  c.train.ema_decay = 0.9999
+  c.data.name = "repa"
+  c.data.num_classes = 1000
+  if arg == "sit":
+    config_lib.sit_baseline(c)
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r} (use ':sit' for the SiT baseline)")
+  return c

@@ -1,0 +1,178 @@
+"""Training checkpoints: Orbax ``CheckpointManager`` in ``WORKDIR/checkpoints``.
+
+Each checkpoint holds two items:
+
+* ``state``: the whole ``TrainState`` (parameters, EMA parameters, optimiser
+  state, step, RNG), restored straight into its sharded layout;
+* ``data``: the input iterator's state (JSON), so a resumed run reads exactly
+  the batches an uninterrupted run would.
+
+Saves are asynchronous (training continues while the previous save is written)
+and atomic (Orbax writes into a temporary directory and renames it when
+complete, so a run killed mid-save leaves no half checkpoint behind). Only the
+last ``keep`` are kept. ``restore_latest`` falls back to the previous
+checkpoint, with a warning naming the bad one, when the newest cannot be read.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data"))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: Optional[dict], *, force: bool = False
+           ) -> bool:
+    """Starts saving ``state`` and the data iterator state at ``step`` (asynchronously)."""
+    return self.manager.save(
+        int(step),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                data=ocp.args.JsonSave(data_state or {})),
+        force=force)
+
+  def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
+    """(step, state, data_state) from the newest readable checkpoint, or None.
+
+    ``abstract_state`` is a tree of ``jax.ShapeDtypeStruct`` with shardings:
+    arrays come back in that layout. Unreadable checkpoints newer than the one
+    restored are moved (not deleted) to ``WORKDIR/unreadable_checkpoints/`` so
+    the resumed run can save those steps again.
+    """
+    bad = []
+    try:
+      return self._restore_newest(abstract_state, bad)
+    finally:
+      if bad:
+        self._set_aside(bad)
+
+  def _set_aside(self, steps: list[int]) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("deepflow_jax:unreadable_checkpoints")
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        dest = os.path.join(aside, str(step))
+        n = 1
+        while os.path.exists(dest):
+          dest = os.path.join(aside, f"{step}.{n}")
+          n += 1
+        os.replace(os.path.join(self.directory, str(step)), dest)
+        print(f"moved unreadable checkpoint {step} to {dest}", flush=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("deepflow_jax:unreadable_checkpoints_moved")
+    self.manager.reload()
+
+  def _restore_newest(self, abstract_state, bad):
+    for step in reversed(self.all_steps()):
+      try:
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                    data=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax raises many types for missing/truncated/garbled files.
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        logging.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
+                        os.path.join(self.directory, str(step)), type(e).__name__, first)
+        print(f"WARNING: checkpoint {os.path.join(self.directory, str(step))} is unreadable "
+              f"({type(e).__name__}: {first}); falling back to the previous one", flush=True)
+        bad.append(step)
+        continue
+      return step, restored["state"], dict(restored["data"] or {})
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# ---------------------------------------------------------------------------
+# Sampling from a training workdir.
+# ---------------------------------------------------------------------------
+
+
+def is_workdir(path: str) -> bool:
+  """A training workdir: ``config.json`` plus ``checkpoints/``."""
+  return (os.path.isfile(os.path.join(path, "config.json"))
+          and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)))
+
+
+def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = None):
+  """``(model, ema_params)`` from a training workdir's newest (or given) checkpoint.
+
+  Only the EMA parameters are read (a partial restore), not the optimiser state.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from deepflow_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.convert import param_shapes  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  cfg_path = os.path.join(path, "config.json")
+  try:
+    with open(cfg_path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise UserError(f"{cfg_path}: unreadable training config ({e})") from e
+  config.model.dtype = dtype
+  model = config_lib.build_model(config)
+  ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
+  steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  if step is not None and step not in steps:
+    raise UserError(f"{ckpt_dir}: no checkpoint for step {step} (have {steps})")
+  candidates = [step] if step is not None else list(reversed(steps))
+  if not candidates:
+    raise UserError(f"{ckpt_dir}: no checkpoints yet")
+  # Replicated over every device, whatever layout the training run saved.
+  replicated = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.asarray(jax.devices()), ("d",)), jax.sharding.PartitionSpec())
+  param_dtype = config_lib._DTYPES[config.model.param_dtype]  # pylint: disable=protected-access
+  target = flax.traverse_util.unflatten_dict(
+      {k: jax.ShapeDtypeStruct(v, param_dtype, sharding=replicated)
+       for k, v in param_shapes(model).items()})
+  errors = []
+  for s in candidates:
+    state_dir = os.path.join(ckpt_dir, str(s), "state")
+    try:
+      with ocp.PyTreeCheckpointer() as c:
+        restored = c.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item={"ema_params": target},
+            restore_args=ocp.checkpoint_utils.construct_restore_args({"ema_params": target}),
+            partial_restore=True))
+      return model, restored["ema_params"]
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(f"{state_dir}: {type(e).__name__}")
+      print(f"WARNING: checkpoint {state_dir} is unreadable ({type(e).__name__}); "
+            "trying the previous one", flush=True)
+  raise UserError(f"{ckpt_dir}: no readable checkpoint ({'; '.join(errors)})")

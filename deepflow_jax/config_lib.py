@@ -1,0 +1,238 @@
+"""Training configuration: defaults shared by every preset, validation, and model building.
+
+Presets live in ``configs/`` (one per file) and start from ``base_config()``.
+Every value can be overridden on the command line, ``--config.train.num_steps=100``.
+``validate(config)`` refuses unknown or inconsistent values with a message that
+names them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from deepflow_jax.errors import UserError
+from deepflow_jax.models.deepflow import DeepFlow
+from deepflow_jax.models.presets import PRESETS
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # Network. Config files fill width/depth/heads/patch/df_idxs from a named
+  # preset with ``set_preset``; command-line overrides apply after that.
+  c.model = ml_collections.ConfigDict()
+  m = c.model
+  m.preset = ""  # the preset the file started from (informational)
+  m.input_size = 32
+  m.patch_size = 2
+  m.in_channels = 4
+  m.hidden_size = 1152
+  m.depth = 24
+  m.num_heads = 16
+  m.mlp_ratio = 4.0
+  m.num_classes = 1000
+  m.class_dropout_prob = 0.1
+  m.df_idxs = (8, 16)
+  m.projector_dim = 2048
+  m.ssl_align = False
+  m.z_dim = 768
+  m.legacy_scaling = False
+  m.qk_norm = False
+  m.attention_impl = ""  # "" (XLA picks), "xla", "cudnn"
+  m.dtype = "auto"  # compute dtype: "auto" = bfloat16 on accelerators, float32 on CPU
+  m.param_dtype = "float32"
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.weighting = "lognormal"
+  c.loss.path_type = "linear"
+  c.loss.beta = 0.01  # tg_upper_bound
+  c.loss.scale_weight = (0.2, 0.2, 1.0)
+  c.loss.acc_coeff = 1.0
+  c.loss.proj_coeff = 0.5
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 1.0
+  c.optim.warmup_steps = 0
+  c.optim.schedule = "constant"  # or "cosine" (decays to 0 at train.num_steps)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.seed = 0
+  c.train.global_batch_size = 256
+  c.train.num_steps = 400_000
+  c.train.grad_accum_steps = 1
+  c.train.ema_decay = 0.9999
+  c.train.log_every = 100
+  c.train.ckpt_every = 10_000
+  c.train.keep_ckpts = 3
+  c.train.sample_every = 50_000  # PNG grid of EMA samples; 0 = only at the end
+  c.train.init_from = ""  # a converted checkpoint dir to fine-tune from
+  c.train.init_weights = "ema"  # which weights of init_from: converted dirs hold one set
+  c.train.debug_sigkill_at_step = -1  # testing aid: SIGKILL itself after this step
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "repa"  # "digits" | "repa" | "arrayrecord"
+  c.data.path = ""
+  c.data.image_size = 32  # digits only
+  c.data.num_classes = 1000
+  c.data.num_threads = 4
+  c.data.prefetch = 2
+  c.data.latent_scale = 0.18215
+
+  c.mesh = ml_collections.ConfigDict()
+  # Mesh axes in order; -1 takes the remaining devices.
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  # Logical parameter axis -> mesh axis (None = replicated), first match wins per
+  # mesh axis. With fsdp > 1 every matrix is split over the fsdp devices along its
+  # model-width ("embed") side, or its "hidden" side where it has no embed side.
+  c.mesh.rules = (("embed", "fsdp"), ("hidden", "fsdp"), ("mlp", None), ("vocab", None),
+                  ("patch", None), ("freq", None), ("norm", None))
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # set all three for a manual multi-process run
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  c.distributed.cpu_collectives = "gloo"
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "sde"
+  c.sample.num_steps = 250
+  c.sample.cfg_scale = 1.0
+  c.sample.guidance_low = 0.0
+  c.sample.guidance_high = 1.0
+  c.sample.grid_per_class = 8  # grid columns; one row per class shown
+  c.sample.grid_classes = 10  # rows in the periodic sample grid (0: no grids)
+  c.sample.vae = ""  # diffusers VAE dir (or converted) to decode latent grids
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_samples = 0  # digits: 1000 generated samples scored by the classifier
+  c.eval.batch_size = 250
+  return c
+
+
+def sit_baseline(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same setup as plain SiT: no splits, one velocity head with weight 1."""
+  config.model.df_idxs = ()
+  config.loss.scale_weight = (1.0,)
+  return config
+
+
+def _known(node, ref, path=""):
+  for k in node.keys():
+    full = f"{path}{k}"
+    if k not in ref:
+      raise UserError(f"unknown config key {full!r}")
+    if isinstance(node[k], ml_collections.ConfigDict):
+      _known(node[k], ref[k], full + ".")
+
+
+def compute_dtype(config, platform: str):
+  name = config.model.dtype
+  if name == "auto":
+    return jnp.float32 if platform == "cpu" else jnp.bfloat16
+  return _DTYPES[name]
+
+
+def model_kwargs(config) -> dict[str, Any]:
+  """DeepFlow constructor fields from ``config.model`` (preset applied, explicit wins)."""
+  m = config.model
+  kw = dict(input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels,
+            hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
+            mlp_ratio=m.mlp_ratio, num_classes=m.num_classes,
+            class_dropout_prob=m.class_dropout_prob, df_idxs=tuple(int(i) for i in m.df_idxs),
+            projector_dim=m.projector_dim, ssl_align=m.ssl_align, z_dim=m.z_dim,
+            legacy_scaling=m.legacy_scaling, qk_norm=m.qk_norm)
+  return kw
+
+
+def build_model(config, platform: str = "cpu") -> DeepFlow:
+  return DeepFlow(**model_kwargs(config), attention_impl=config.model.attention_impl or None,
+                  dtype=compute_dtype(config, platform),
+                  param_dtype=_DTYPES[config.model.param_dtype])
+
+
+def set_preset(config, name: str) -> ml_collections.ConfigDict:
+  """Copies a named preset's architecture into ``config.model`` (used by config files)."""
+  if name not in PRESETS:
+    raise UserError(f"model preset {name!r} is not known ({', '.join(PRESETS)})")
+  config.model.preset = name
+  for k, v in PRESETS[name].items():
+    config.model[k] = v
+  return config
+
+
+def validate(config) -> None:
+  """Refuses unknown or inconsistent values, naming them."""
+  _known(config, base_config())
+  m, problems = config.model, []
+  if m.hidden_size % m.num_heads:
+    problems.append(f"model.hidden_size={m.hidden_size} is not divisible by "
+                    f"model.num_heads={m.num_heads}")
+  if m.hidden_size % 4:
+    problems.append(f"model.hidden_size={m.hidden_size} must be divisible by 4")
+  if m.input_size % m.patch_size:
+    problems.append(f"model.input_size={m.input_size} is not divisible by "
+                    f"model.patch_size={m.patch_size}")
+  idxs = [int(i) for i in m.df_idxs]
+  if idxs != sorted(set(idxs)):
+    problems.append(f"model.df_idxs={idxs} must be strictly increasing")
+  bad = [i for i in idxs if not 1 <= i < m.depth]
+  if bad:
+    problems.append(f"model.df_idxs={idxs}: split layer(s) {bad} beyond the depth "
+                    f"(valid 1..{m.depth - 1} for model.depth={m.depth})")
+  if len(config.loss.scale_weight) != len(idxs) + 1:
+    problems.append(f"loss.scale_weight={tuple(config.loss.scale_weight)} has "
+                    f"{len(config.loss.scale_weight)} weights but model.df_idxs={idxs} makes "
+                    f"{len(idxs) + 1} branches")
+  for key, allowed in (("model.dtype", ("auto",) + tuple(_DTYPES)),
+                       ("model.param_dtype", tuple(_DTYPES)),
+                       ("model.attention_impl", ("", "xla", "cudnn")),
+                       ("loss.weighting", ("lognormal", "uniform")),
+                       ("loss.path_type", ("linear", "cosine")),
+                       ("optim.schedule", ("constant", "cosine")),
+                       ("data.name", ("digits", "repa", "arrayrecord")),
+                       ("sample.sampler", ("sde", "euler", "heun"))):
+    sec, name = key.split(".")
+    if config[sec][name] not in allowed:
+      problems.append(f"{key}={config[sec][name]!r} is not one of {allowed}")
+  t = config.train
+  if t.global_batch_size <= 0 or t.global_batch_size % max(t.grad_accum_steps, 1):
+    problems.append(f"train.global_batch_size={t.global_batch_size} must be a positive multiple "
+                    f"of train.grad_accum_steps={t.grad_accum_steps}")
+  if t.grad_accum_steps < 1:
+    problems.append(f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1")
+  if not 0 <= t.ema_decay < 1:
+    problems.append(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+  if t.num_steps < 0:
+    problems.append(f"train.num_steps={t.num_steps} must be >= 0")
+  if config.data.name in ("repa", "arrayrecord") and not config.data.path:
+    problems.append(f"data.path is required for data.name={config.data.name!r}")
+  if config.data.name == "digits":
+    if m.in_channels != 1:
+      problems.append(f"data.name='digits' is 1-channel pixel data; model.in_channels="
+                      f"{m.in_channels}")
+    if m.input_size != config.data.image_size:
+      problems.append(f"model.input_size={m.input_size} differs from data.image_size="
+                      f"{config.data.image_size}")
+  if m.ssl_align:
+    problems.append("model.ssl_align=True: training with REPA alignment needs an image encoder "
+                    "that this version does not ship; set model.ssl_align=False")
+  if config.mesh.data == 0 or config.mesh.fsdp == 0:
+    problems.append("mesh.data and mesh.fsdp must be positive or -1")
+  if problems:
+    raise UserError("invalid config: " + "; ".join(problems))
+
+
+def to_json_dict(config) -> dict:
+  """The resolved config as JSON-able data (tuples become lists)."""
+  import json  # pylint: disable=g-import-not-at-top
+  return json.loads(config.to_json())

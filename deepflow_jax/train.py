@@ -1,0 +1,266 @@
+"""Train state, optimiser and the mesh-sharded, jitted train step.
+
+``Trainer`` owns the model, the optimiser, the mesh and the shardings:
+
+* ``trainer.init_state()`` builds the state directly in its sharded layout
+  (parameters, EMA parameters, AdamW state, step, RNG);
+* ``trainer.step(state, batch)`` is one ``jax.jit`` with explicit in/out
+  shardings and the state donated;
+* ``trainer.abstract_state`` (shapes + shardings) is what checkpoints restore into.
+
+The batch is either pixels ``{"image", "label"}`` or stored VAE moments
+``{"mean", "std", "label"}``; for the latter the step draws
+``z = (mean + std * eps) * latent_scale`` with its own RNG.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from deepflow_jax import losses
+from deepflow_jax import sharding as shd
+from deepflow_jax.errors import UserError
+from deepflow_jax.models.deepflow import DeepFlow
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data; each step folds in its step number
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  o, total = config.optim, int(config.train.num_steps)
+  warm = int(o.warmup_steps)
+  if o.schedule == "cosine":
+    main = optax.cosine_decay_schedule(o.learning_rate, max(total - warm, 1))
+  else:
+    main = optax.constant_schedule(o.learning_rate)
+  if warm > 0:
+    return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warm), main], [warm])
+  return main
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping, as the reference (torch AdamW + clip_grad_norm_)."""
+  o = config.optim
+  chain = []
+  if o.grad_clip and o.grad_clip > 0:
+    chain.append(optax.clip_by_global_norm(o.grad_clip))
+  chain.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=o.weight_decay))
+  return optax.chain(*chain)
+
+
+def loss_config(config) -> losses.LossConfig:
+  l = config.loss
+  return losses.LossConfig(weighting=l.weighting, path_type=l.path_type, beta=float(l.beta),
+                           scale_weight=tuple(float(w) for w in l.scale_weight),
+                           acc_coeff=float(l.acc_coeff), proj_coeff=float(l.proj_coeff))
+
+
+def batch_keys(latent: bool) -> tuple[str, ...]:
+  return ("mean", "std", "label") if latent else ("image", "label")
+
+
+@dataclasses.dataclass
+class Trainer:
+  config: Any
+  model: DeepFlow
+  mesh: Any
+  latent: bool  # batches hold VAE moments (True) or pixels (False)
+
+  def __post_init__(self):
+    self.tx = make_optimizer(self.config)
+    self.schedule = learning_rate_schedule(self.config)
+    self.loss_cfg = loss_config(self.config)
+    self.rules = shd.rules_from_config(self.config)
+    boxed = jax.eval_shape(self._init_boxed, jax.random.key_data(jax.random.key(0)))
+    self.state_shardings = shd.logical_shardings(boxed, self.mesh, self.rules)
+    shapes = nn.unbox(boxed)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+        self.state_shardings)
+    self.batch_shardings = {
+        k: shd.batch_sharding(self.mesh, 1 if k == "label" else 4) for k in batch_keys(self.latent)
+    }
+    self._step = jax.jit(self._train_step,
+                         in_shardings=(self.state_shardings, self.batch_shardings),
+                         out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
+                         donate_argnums=(0,))
+    self._init = jax.jit(lambda key: nn.unbox(self._init_boxed(key)),
+                         out_shardings=self.state_shardings)
+
+  # -- state ---------------------------------------------------------------
+
+  def _dummy_inputs(self, n=1):
+    m = self.model
+    x = jnp.zeros((n, m.input_size, m.input_size, m.in_channels), jnp.float32)
+    return x, [jnp.zeros((n,), jnp.float32)] * m.num_branches, jnp.zeros((n,), jnp.int32)
+
+  def _init_boxed(self, key_data):
+    key = jax.random.wrap_key_data(key_data)
+    k_init, k_state = jax.random.split(key)
+    params = self.model.init({"params": k_init}, *self._dummy_inputs())["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=self.tx.init(params),
+        rng=jax.random.key_data(k_state),
+    )
+
+  def init_state(self, seed: int) -> TrainState:
+    """A fresh, sharded state; parameters initialised as the reference."""
+    return self._init(jax.random.key_data(jax.random.key(seed)))
+
+  def state_from_params(self, params, seed: int) -> TrainState:
+    """A fresh state whose parameters and EMA start from given weights (fine-tuning)."""
+    want = {k: v.shape for k, v in flax.traverse_util.flatten_dict(
+        nn.unbox(self.abstract_state.params)).items()}
+    got = {k: tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(params).items()}
+    if want != got:
+      missing = sorted("/".join(k) for k in set(want) - set(got))
+      extra = sorted("/".join(k) for k in set(got) - set(want))
+      shape = sorted("/".join(k) for k in set(want) & set(got) if want[k] != got[k])
+      raise UserError(f"init_from weights do not fit the configured model: missing {missing[:5]}, "
+                      f"unexpected {extra[:5]}, mis-shaped {shape[:5]}")
+    state = self.init_state(seed)
+    put = lambda tree: jax.tree.map(
+        lambda v, s: jax.device_put(jnp.asarray(v, s.dtype), s.sharding), tree,
+        self.abstract_state.params)
+    return state.replace(params=put(params), ema_params=put(params),
+                         opt_state=self.tx.init(put(params)))
+
+  # -- step ----------------------------------------------------------------
+
+  def _x0(self, batch, key):
+    if self.latent:
+      eps = jax.random.normal(key, batch["mean"].shape, jnp.float32)
+      return (batch["mean"] + batch["std"] * eps) * float(self.config.data.latent_scale)
+    return batch["image"].astype(jnp.float32)
+
+  def _loss(self, params, batch, key):
+    k_latent, k_loss, k_drop = jax.random.split(key, 3)
+    x0 = self._x0(batch, k_latent)
+    y = batch["label"].astype(jnp.int32)
+    draws = losses.draw_loss_randomness(k_loss, x0.shape, self.model.num_branches,
+                                        self.loss_cfg.weighting)
+
+    def apply_fn(x, t, y):
+      return self.model.apply({"params": params}, x, t, y, train=True,
+                              rngs={"label_dropout": k_drop})
+
+    total, terms = losses.deepflow_loss(apply_fn, x0, y, draws, self.loss_cfg)
+    metrics = {"loss": total, "loss_denoise": terms["denoise"], "loss_acc": terms["acc"],
+               "loss_proj": terms["proj"]}
+    for j in range(terms["denoise_branch"].shape[0]):
+      metrics[f"loss_denoise_branch{j}"] = jnp.mean(terms["denoise_branch"][j])
+    for j in range(terms["acc_branch"].shape[0]):
+      metrics[f"loss_acc_branch{j}"] = jnp.mean(terms["acc_branch"][j])
+    return total, metrics
+
+  def _grads(self, params, batch, key):
+    accum = int(self.config.train.grad_accum_steps)
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    if accum == 1:
+      (_, metrics), grads = grad_fn(params, batch, key)
+      return grads, metrics
+
+    # Micro-batch i takes rows i, i + accum, ...: every device keeps an equal share.
+    def split(x):
+      x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+      return jnp.swapaxes(x, 0, 1)
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, inp):
+      i, mb = inp
+      mb = {k: jax.lax.with_sharding_constraint(v, self.batch_shardings[k]) for k, v in mb.items()}
+      (_, m), g = grad_fn(params, mb, jax.random.fold_in(key, i))
+      acc_g, acc_m = carry
+      return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_m, m)), None
+
+    zeros_g = jax.tree.map(jnp.zeros_like, params)
+    _, m0 = jax.eval_shape(self._loss, params, jax.tree.map(lambda x: x[0], micro), key)
+    zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+    (g, m), _ = jax.lax.scan(body, (zeros_g, zeros_m), (jnp.arange(accum), micro))
+    return jax.tree.map(lambda x: x / accum, g), jax.tree.map(lambda x: x / accum, m)
+
+  def _train_step(self, state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grads, metrics = self._grads(state.params, batch, key)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d = float(self.config.train.ema_decay)
+    ema = jax.tree.map(lambda e, p: e * d + (1 - d) * p, state.ema_params, params)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = self.schedule(state.step)
+    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+    return new, metrics
+
+  def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    return self._step(state, batch)
+
+  def global_batch(self, local_batch: dict) -> dict:
+    return shd.global_batch({k: local_batch[k] for k in batch_keys(self.latent)}, self.mesh)
+
+
+# ---------------------------------------------------------------------------
+# Analytic FLOPs (for TFLOP/s and MFU).
+# ---------------------------------------------------------------------------
+
+
+def forward_flops_per_example(model: DeepFlow) -> float:
+  """Matmul FLOPs (2 per multiply-add) of one training forward pass of one example."""
+  d, t, l = model.hidden_size, model.num_tokens, model.depth
+  p_out = model.patch_size**2 * model.in_channels
+  k = model.num_branches
+  pdim = model.projector_dim
+  f = 2 * t * p_out * d  # patch embedding
+  block = (2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d + 4 * t * d * int(d * model.mlp_ratio)
+           + 2 * d * 6 * d)
+  f += l * block
+  f += k * 2 * (256 * d + d * d)  # t embedder, once per branch
+  head = 2 * t * d * p_out + 2 * d * 2 * d
+  f += (k + (k - 1)) * head  # velocity heads + acceleration heads
+  if k > 1:
+    vera = (2 * t * (d * pdim + 4 * pdim * pdim + pdim * d)  # acc MLP
+            + 2 * (2 * d) * (4 * d) + 2 * t * (4 * d * d + 2 * d * d)  # time-gap modulation
+            + 2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d)  # cross-space attention
+    f += (k - 1) * (vera + 2 * (256 * 2 * d + 4 * d * d))
+    if model.ssl_align:
+      f += (k - 1) * 2 * t * (d * pdim + pdim * pdim + pdim * model.z_dim)
+  return float(f)
+
+
+def train_flops_per_example(model: DeepFlow) -> float:
+  """Forward + backward (about twice the forward)."""
+  return 3.0 * forward_flops_per_example(model)
+
+
+# Dense bf16 peak FLOP/s per device by jax device_kind substring.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+    "B200": 2250e12,
+}
+
+
+def peak_flops(device) -> Optional[float]:
+  kind = getattr(device, "device_kind", "")
+  for name, v in PEAK_FLOPS.items():
+    if name in kind:
+      return v
+  return None
+
