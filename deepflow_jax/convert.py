@@ -313,7 +313,7 @@ def infer_architecture(sd: Mapping[str, np.ndarray], args: Optional[Mapping[str,
   if projectors:
     if len(projectors) != n_df:
       raise ConversionError(f"{source}: {len(projectors)} projectors for {n_df} VeRA blocks")
-    last = f"projectors.0.4.weight"
+    last = "projectors.0.4.weight"
     if last not in sd:
       raise ConversionError(f"{source}: projectors present but {last!r} is missing")
     cfg["z_dim"] = int(sd[last].shape[0])

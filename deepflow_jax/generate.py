@@ -78,6 +78,7 @@ import numpy as np
 from deepflow_jax import sampling
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import cli_main
+from deepflow_jax.progress import format_duration
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "deepflow-jax/generate/v1"
@@ -194,8 +195,8 @@ def sample_inputs(model, seed: int, indices: jax.Array, labels_mode: str):
 
 def to_uint8(images) -> np.ndarray:
   """Images in [-1, 1] -> uint8 with the reference's formula (truncation); RGB for 1 channel."""
-  x = np.clip((np.asarray(images, np.float32) + 1) / 2 * 255, 0, 255)
-  x = np.where(np.isnan(x), 0, x).astype(np.uint8)
+  from deepflow_jax.vae import images_to_uint8  # pylint: disable=g-import-not-at-top
+  x = images_to_uint8(np.asarray(images, np.float32))
   if x.shape[-1] == 1:
     x = np.repeat(x, 3, axis=-1)
   return x
@@ -359,13 +360,6 @@ def _write_manifest(out: str, settings: dict[str, Any], info: dict[str, Any]) ->
     json.dump({"format": MANIFEST_FORMAT, "settings": settings, "first_run": info}, f, indent=2,
               sort_keys=True)
   os.replace(tmp, path)
-
-
-def _fmt_eta(seconds: float) -> str:
-  seconds = int(round(seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 # ---------------------------------------------------------------------------
@@ -564,7 +558,7 @@ def main(argv=None):
     total_done = n_done + produced
     eta = (a.num_samples - total_done) / rate if rate > 0 else float("inf")
     _log(f"[generate] {total_done}/{a.num_samples} samples ({100 * total_done / a.num_samples:.1f}"
-         f"%) | {rate:.2f} samples/s | ETA {_fmt_eta(eta)}")
+         f"%) | {rate:.2f} samples/s | ETA {format_duration(eta)}")
     if a.stop_after_batches is not None and b + 1 >= a.stop_after_batches and b + 1 < len(todo):
       _sync("generate-stop")
       _log(f"[generate] stopping after {b + 1} batches (--stop_after_batches)")

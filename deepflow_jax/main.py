@@ -30,20 +30,14 @@ from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
+from deepflow_jax.progress import format_duration
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and the config.")
 
 EXIT_PREEMPTED = 143
-
-
-def _fmt_time(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  d, rem = divmod(seconds, 86400)
-  h, rem = divmod(rem, 3600)
-  m, s = divmod(rem, 60)
-  return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
 
 
 def write_config(workdir: str, config) -> None:
@@ -114,14 +108,13 @@ def _check_data_matches_model(info, model) -> None:
 
 
 def _to_images(x, vae=None):
-  """Samples in [-1, 1] (pixels) or VAE latents -> uint8 NHWC images."""
+  """Samples in [-1, 1] (pixels) or VAE latents -> uint8 NHWC images (the reference's formula)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from deepflow_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
   if vae is not None:
-    from deepflow_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
     module, params = vae
     x = module.apply({"params": params}, x / vae_lib.SCALING_FACTOR, method=module.decode)
-  x = np.asarray(x, np.float32)
-  return np.clip((x + 1) / 2 * 255, 0, 255).astype(np.uint8)
+  return vae_lib.images_to_uint8(np.asarray(x, np.float32))
 
 
 def save_grid(images, rows: int, path: str) -> None:
@@ -145,20 +138,20 @@ def save_grid(images, rows: int, path: str) -> None:
 
 
 def generate_samples(model, params, config, labels, seed: int, batch_size: int):
-  """Samples for ``labels`` with config.sample settings, in batches; numpy (N, H, W, C)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """Samples for ``labels`` with config.sample settings, in batches; numpy (N, H, W, C).
+
+  Sample ``i``'s starting noise and SDE noise come from (seed, i) exactly as in
+  ``python -m deepflow_jax.generate``.
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from deepflow_jax import sampling  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.generate import sample_inputs  # pylint: disable=g-import-not-at-top
   s = config.sample
-  shape = (model.input_size, model.input_size, model.in_channels)
   out = []
-  base = jax.random.key(seed)
   for start in range(0, len(labels), batch_size):
     y = np.asarray(labels[start:start + batch_size], np.int32)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(np.arange(start, start + len(y)))
-    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
-    noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    z, _, noise_keys = sample_inputs(model, seed, np.arange(start, start + len(y)), "cycle")
     x = sampling.sample(model, params, z, y, sampler=s.sampler, num_steps=int(s.num_steps),
                         cfg_scale=float(s.cfg_scale), guidance_low=float(s.guidance_low),
                         guidance_high=float(s.guidance_high), rng=noise_keys)
@@ -169,6 +162,7 @@ def generate_samples(model, params, config, labels, seed: int, batch_size: int):
 
 
 def run(config, workdir: str) -> int:
+  """Trains with ``config`` in ``workdir`` (usable from a notebook); returns the exit status."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from clu import parameter_overview  # pylint: disable=g-import-not-at-top
@@ -180,8 +174,6 @@ def run(config, workdir: str) -> int:
   from deepflow_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config)
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   shd.maybe_initialize_distributed(config)
   pid, nproc = jax.process_index(), jax.process_count()
   is_main = pid == 0
@@ -287,7 +279,7 @@ def run(config, workdir: str) -> int:
       log(f"step {step}/{num_steps} | loss {metrics['loss']:.4f} (denoise "
           f"{metrics['loss_denoise']:.4f} acc {metrics['loss_acc']:.4f}) | grad {metrics['grad_norm']:.3f}"
           f" | {sps:.2f} steps/s {metrics['images_per_sec']:.0f} img/s | data "
-          f"{metrics['data_wait_ms']:.1f} ms/step{extra} | ETA {_fmt_time((num_steps - step) / overall)}")
+          f"{metrics['data_wait_ms']:.1f} ms/step{extra} | ETA {format_duration((num_steps - step) / overall)}")
       last_log_time, last_log_step, data_wait = now, step, 0.0
     if step == int(t.debug_sigkill_at_step):
       ckpt.wait()
@@ -362,6 +354,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if FLAGS.workdir is None:
     print("error: --workdir is required", file=sys.stderr)
     sys.exit(2)

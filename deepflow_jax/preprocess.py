@@ -131,7 +131,6 @@ import functools
 import hashlib
 import io
 import json
-import math
 import os
 import sys
 import threading
@@ -144,6 +143,7 @@ from PIL import Image
 from deepflow_jax.data import records
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import cli_main
+from deepflow_jax.progress import format_duration
 
 FORMAT_VERSION = "deepflow-jax/preprocess/v1"
 ARRAYRECORD, REPA = "arrayrecord", "repa"
@@ -429,15 +429,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def _fmt_eta(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 # ----------------------------------------------------------------------------
 # Settings, shards, progress markers.
 
@@ -720,7 +711,7 @@ class _Progress:
     eta = (self.total - self.done) / rate if rate > 0 else float("inf")
     pct = 100.0 * self.done / max(self.total, 1)
     self.log(f"{self.done}/{self.total} images ({pct:.1f}%) | {rate:.1f} images/s | "
-             f"ETA {_fmt_eta(eta)} | skipped {self.skipped} | {shards_msg}")
+             f"ETA {format_duration(eta)} | skipped {self.skipped} | {shards_msg}")
 
 
 def encode_shards(source, settings: dict, out: str, shards: Sequence[int], vae, params, *,
@@ -850,18 +841,17 @@ def finalize(out: str, doc: dict, log: Callable[[str], None]) -> list[int]:
   if settings["format"] == ARRAYRECORD:
     names = [records.shard_name(settings["split"], s, num) for s in range(num)
              if done[s]["examples"]]
-    metadata = {
-        "schema": records.SCHEMA, "num_examples": len(examples), "shards": names,
-        "latent_shape": settings["latent_shape"], "num_classes": settings["num_classes"],
-        "resolution": settings["resolution"], "vae": info.get("vae", ""),
-        "scaling_factor": info.get("scaling_factor", 0.18215),
-        "split": settings["split"], "source": settings["source"],
-        "class_names": info.get("class_names"),
-        "num_source_examples": settings["num_source_examples"],
-        "num_skipped": len(skipped), "skipped": [name for _, name, _ in skipped],
-        "index": "the example's position in the source order (skipped images leave gaps)",
-    }
-    _atomic_write(os.path.join(out, records.METADATA_FILE), _json_bytes(metadata))
+    records.write_metadata(
+        out, num_examples=len(examples), shards=names, latent_shape=settings["latent_shape"],
+        num_classes=settings["num_classes"], resolution=settings["resolution"],
+        vae=info.get("vae", ""), scaling_factor=info.get("scaling_factor", 0.18215),
+        extra={
+            "split": settings["split"], "source": settings["source"],
+            "class_names": info.get("class_names"),
+            "num_source_examples": settings["num_source_examples"],
+            "num_skipped": len(skipped), "skipped": [name for _, name, _ in skipped],
+            "index": "the example's position in the source order (skipped images leave gaps)",
+        })
   else:
     labels = {"labels": [[repa_feature_name(i), l] for i, l in examples]}
     _atomic_write(os.path.join(out, FEATURE_DIR, LABEL_FILE), _json_bytes(labels))

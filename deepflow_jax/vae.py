@@ -16,7 +16,7 @@ Public arrays are NHWC:
   latents -> images ``(N, H, W, 3)``. Diffusion latents are divided by
   ``SCALING_FACTOR`` (0.18215) by the caller first; ``encode``/``decode`` never
   apply the scaling factor (neither does diffusers).
-* ``latents_to_uint8(images)``: the reference's decode formula to uint8.
+* ``images_to_uint8(images)``: the reference's decode formula to uint8.
 
 Parameter names (diffusers key -> Flax path) are a mechanical rename:
 
@@ -50,7 +50,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -239,12 +239,13 @@ class Upsample(nn.Module, _Layers):
     return self._conv(self.channels, name="conv")(x)
 
 
-class EncoderBlock(nn.Module):
-  """diffusers ``DownEncoderBlock2D``: ``num_layers`` resnets, optional downsampler."""
+class ResnetStage(nn.Module):
+  """diffusers ``DownEncoderBlock2D`` (``resample="down"``) or ``UpDecoderBlock2D``
+  (``resample="up"``): ``num_layers`` resnets, then the resampler if ``resample``."""
 
   out_channels: int
   num_layers: int
-  add_downsample: bool
+  resample: Optional[str] = None  # "down", "up" or None (the last level)
   norm_num_groups: int = 32
   act_fn: str = "silu"
   dtype: Dtype = jnp.float32
@@ -258,31 +259,9 @@ class EncoderBlock(nn.Module):
               precision=self.precision)
     for i in range(self.num_layers):
       x = ResnetBlock(self.out_channels, name=f"resnets_{i}", **kw)(x)
-    if self.add_downsample:
+    if self.resample == "down":
       x = Downsample(self.out_channels, name="downsamplers_0", **kw)(x)
-    return x
-
-
-class DecoderBlock(nn.Module):
-  """diffusers ``UpDecoderBlock2D``: ``num_layers`` resnets, optional upsampler."""
-
-  out_channels: int
-  num_layers: int
-  add_upsample: bool
-  norm_num_groups: int = 32
-  act_fn: str = "silu"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  precision: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(norm_num_groups=self.norm_num_groups, act_fn=self.act_fn,
-              dtype=self.dtype, param_dtype=self.param_dtype,
-              precision=self.precision)
-    for i in range(self.num_layers):
-      x = ResnetBlock(self.out_channels, name=f"resnets_{i}", **kw)(x)
-    if self.add_upsample:
+    elif self.resample == "up":
       x = Upsample(self.out_channels, name="upsamplers_0", **kw)(x)
     return x
 
@@ -308,8 +287,8 @@ class Encoder(nn.Module, _Layers):
     x = self._conv(self.block_out_channels[0], name="conv_in")(x)
     last = len(self.block_out_channels) - 1
     for i, ch in enumerate(self.block_out_channels):
-      x = EncoderBlock(ch, self.layers_per_block, add_downsample=i != last,
-                       name=f"down_blocks_{i}", **kw)(x)
+      x = ResnetStage(ch, self.layers_per_block, resample="down" if i != last else None,
+                      name=f"down_blocks_{i}", **kw)(x)
     x = MidBlock(self.mid_block_add_attention, name="mid_block", **kw)(x)
     x = self._act(self._norm("conv_norm_out")(x))
     return self._conv(2 * self.latent_channels, name="conv_out")(x)
@@ -337,9 +316,9 @@ class Decoder(nn.Module, _Layers):
     x = MidBlock(self.mid_block_add_attention, name="mid_block", **kw)(x)
     widths = list(reversed(self.block_out_channels))
     for i, ch in enumerate(widths):
-      x = DecoderBlock(ch, self.layers_per_block + 1,
-                       add_upsample=i != len(widths) - 1,
-                       name=f"up_blocks_{i}", **kw)(x)
+      x = ResnetStage(ch, self.layers_per_block + 1,
+                      resample="up" if i != len(widths) - 1 else None,
+                      name=f"up_blocks_{i}", **kw)(x)
     x = self._act(self._norm("conv_norm_out")(x))
     return self._conv(self.out_channels, name="conv_out")(x)
 
@@ -511,14 +490,14 @@ class AutoencoderKL(nn.Module):
     return self.decode(z.astype(self.dtype))
 
 
-def latents_to_uint8(images):
+def images_to_uint8(images):
   """Decoded images in [-1, 1] (N,H,W,C) -> uint8, the reference's formula.
 
   ``clip((images + 1) / 2 * 255, 0, 255)`` then a cast to uint8, which truncates
   toward zero (as ``torch.Tensor.to(torch.uint8)`` in REPA/DeepFlow's sampler:
   ``(s + 1) / 2``; ``clamp(255 * s, 0, 255)``; ``.to(uint8)``). It does NOT round:
-  0.999 * 255 -> 254. NaNs become 0. Takes the output of ``decode`` (despite the
-  name, not latents); numpy in -> numpy out, otherwise a jax array.
+  0.999 * 255 -> 254. NaNs become 0. Takes the output of ``decode`` (or pixel samples);
+  numpy in -> numpy out, otherwise a jax array.
   """
   xp = np if isinstance(images, np.ndarray) else jnp
   x = xp.clip((images + 1) / 2 * 255, 0, 255)

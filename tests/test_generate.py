@@ -233,7 +233,7 @@ def test_vae_decodes_latents_to_pngs_and_adm_npz(ckpt, tmp_path):
   vae, vparams = vae_lib.load_diffusers_vae(vae_dir)
   decoded = vae.apply({"params": vparams}, jnp.asarray(s["latents"]) / 0.18215,
                       method=vae.decode)
-  expect = np.asarray(vae_lib.latents_to_uint8(np.asarray(decoded)))
+  expect = np.asarray(vae_lib.images_to_uint8(np.asarray(decoded)))
   # Same formula; jit vs eager float32 may flip a truncation by one level.
   assert np.abs(s["arr_0"].astype(int) - expect).max() <= 1
   assert (s["arr_0"] == expect).mean() > 0.99

@@ -9,11 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -208,7 +206,6 @@ def test_config_errors_name_the_values(tmp_path):
 
 
 def test_sit_baseline_config():
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,unused-import
   import importlib.util  # pylint: disable=g-import-not-at-top
   from deepflow_jax import config_lib  # pylint: disable=g-import-not-at-top
   for name in ("digits", "b2t", "xl3t"):

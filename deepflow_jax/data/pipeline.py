@@ -205,6 +205,16 @@ class DigitsSource:
     return out
 
 
+def _read_json(path: str, why_needed: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise UserError(f"{path}: missing ({why_needed})") from None
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+
+
 def _check_label(label, num_classes: int | None, where: str) -> np.int32:
   if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
     raise UserError(f"{where}: label {label!r} is not an integer")
@@ -260,13 +270,7 @@ class RepaLatentSource:
     return sorted(names)
 
   def _read_labels(self, label_file: str, missing_labels: str) -> list:
-    try:
-      with open(label_file) as f:
-        meta = json.load(f)
-    except FileNotFoundError:
-      raise UserError(f"{label_file}: missing (the REPA layout needs it for the labels)") from None
-    except (OSError, ValueError) as e:
-      raise UserError(f"{label_file}: unreadable ({type(e).__name__}: {e})") from e
+    meta = _read_json(label_file, "the REPA layout needs it for the labels")
     if not isinstance(meta, dict) or "labels" not in meta:
       raise UserError(f"{label_file}: no 'labels' key")
     entries = meta["labels"]
@@ -341,13 +345,7 @@ class ArrayRecordLatentSource:
 
     path = os.fspath(path)
     meta_file = os.path.join(path, records.METADATA_FILE)
-    try:
-      with open(meta_file) as f:
-        meta = json.load(f)
-    except FileNotFoundError:
-      raise UserError(f"{meta_file}: missing (not a deepflow-jax ArrayRecord dataset)") from None
-    except (OSError, ValueError) as e:
-      raise UserError(f"{meta_file}: unreadable ({type(e).__name__}: {e})") from e
+    meta = _read_json(meta_file, "not a deepflow-jax ArrayRecord dataset")
     if not isinstance(meta, dict) or meta.get("schema") != records.SCHEMA:
       got = meta.get("schema") if isinstance(meta, dict) else None
       raise UserError(f"{meta_file}: schema {got!r}, expected {records.SCHEMA!r}")

@@ -86,7 +86,6 @@ def write_latent_dataset(
   shapes, labels out of range) raise ``UserError``; existing shards of the same
   names are overwritten.
   """
-  import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
@@ -123,14 +122,28 @@ def write_latent_dataset(
       writer.close()
   if count != num_examples:
     raise UserError(f"{directory}: got {count} examples, num_examples={num_examples}")
+  return write_metadata(directory, num_examples=num_examples, shards=names,
+                        latent_shape=latent_shape, num_classes=num_classes,
+                        resolution=resolution, vae=vae, extra=extra_metadata)
+
+
+def write_metadata(directory, *, num_examples: int, shards, latent_shape, num_classes: int,
+                   resolution: int = 0, vae: str = "", scaling_factor: float = 0.18215,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Writes ``metadata.json`` (last, through a temporary file and a rename); returns it."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
   metadata = {
-      "schema": SCHEMA, "num_examples": int(num_examples), "shards": names,
-      "latent_shape": list(latent_shape), "num_classes": int(num_classes),
-      "resolution": int(resolution), "vae": str(vae), "scaling_factor": 0.18215,
+      "schema": SCHEMA, "num_examples": int(num_examples), "shards": list(shards),
+      "latent_shape": [int(d) for d in latent_shape], "num_classes": int(num_classes),
+      "resolution": int(resolution), "vae": str(vae), "scaling_factor": float(scaling_factor),
   }
-  metadata.update(extra_metadata or {})
-  tmp = os.path.join(directory, METADATA_FILE + ".tmp")
+  metadata.update(extra or {})
+  path = os.path.join(os.fspath(directory), METADATA_FILE)
+  tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(metadata, f, indent=2)
-  os.replace(tmp, os.path.join(directory, METADATA_FILE))
+    json.dump(metadata, f, indent=1)
+    f.write("\n")
+  os.replace(tmp, path)
   return metadata

@@ -278,13 +278,12 @@ class Mlp(nn.Module):
   """fc1 -> GELU(tanh) -> fc2."""
   hidden: int
   out: int
-  in_axis: str = "embed"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x = dense(self.hidden, (self.in_axis, "mlp"), name="fc1", dtype=self.dtype,
+    x = dense(self.hidden, ("embed", "mlp"), name="fc1", dtype=self.dtype,
               param_dtype=self.param_dtype)(x)
     x = nn.gelu(x, approximate=True)
     return dense(self.out, ("mlp", "embed"), name="fc2", dtype=self.dtype,
@@ -295,13 +294,12 @@ class AdaLN(nn.Module):
   """``adaLN_modulation`` = Sequential(SiLU, Linear(W, chunks*out)); zero-initialised."""
   out: int
   chunks: int
-  in_axis: str = "embed"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, c: Array) -> list[Array]:
-    m = dense(self.chunks * self.out, (self.in_axis, "mlp"), name="layers_1", dtype=self.dtype,
+    m = dense(self.chunks * self.out, ("embed", "mlp"), name="layers_1", dtype=self.dtype,
               param_dtype=self.param_dtype, zero_init=True)(nn.silu(c))
     return jnp.split(m, self.chunks, axis=-1)
 
