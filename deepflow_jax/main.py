@@ -128,7 +128,7 @@ def save_grid(images, rows: int, path: str) -> None:
   for i in range(rows * cols):
     r, k = divmod(i, cols)
     grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = images[i]
-  scale = max(1, 256 // max(grid.shape[:2]))
+  scale = max(1, 512 // max(grid.shape[:2]))  # small images: enlarge, nearest neighbour
   img = Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3])
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
