@@ -119,6 +119,34 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
+  """Loads ``configs/x.py[:arg]`` (what ``--config=`` takes) and applies dotted overrides.
+
+  For notebooks: ``load_config("configs/digits.py", **{"train.num_steps": 300})``.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path, _, arg = str(path).partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: no such config file")
+  spec = importlib.util.spec_from_file_location(
+      "deepflow_jax_config_" + os.path.basename(path).removesuffix(".py"), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for k in parents:
+      node = node[k] if k in node else None
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise UserError(f"unknown config key {key!r}")
+    if leaf not in node:
+      raise UserError(f"unknown config key {key!r}")
+    node[leaf] = value
+  return config
+
+
 def sit_baseline(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same setup as plain SiT: no splits, one velocity head with weight 1."""
   config.model.df_idxs = ()

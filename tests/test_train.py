@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -206,13 +207,10 @@ def test_config_errors_name_the_values(tmp_path):
 
 
 def test_sit_baseline_config():
-  import importlib.util  # pylint: disable=g-import-not-at-top
   from deepflow_jax import config_lib  # pylint: disable=g-import-not-at-top
   for name in ("digits", "b2t", "xl3t"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    df, sit = mod.get_config(), mod.get_config("sit")
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    df, sit = config_lib.load_config(path), config_lib.load_config(path + ":sit")
     if name != "digits":
       df.data.path = sit.data.path = "/data"
     config_lib.validate(df)
@@ -221,10 +219,14 @@ def test_sit_baseline_config():
     for k in ("hidden_size", "depth", "num_heads", "patch_size"):
       assert sit.model[k] == df.model[k]
     assert sit.train.to_dict() == df.train.to_dict() and sit.optim.to_dict() == df.optim.to_dict()
-  xl = mod.get_config()
+  xl = config_lib.load_config(os.path.join(ROOT, "configs", "xl3t.py"))
   assert (xl.model.hidden_size, xl.model.depth, tuple(xl.model.df_idxs)) == (1152, 24, (8, 16))
   assert tuple(xl.loss.scale_weight) == (0.2, 0.2, 1.0) and xl.loss.beta == 0.01
   assert xl.train.global_batch_size == 256 and xl.model.dtype == "auto"
+  short = config_lib.load_config(DIGITS, **{"train.num_steps": 7})
+  assert short.train.num_steps == 7
+  with pytest.raises(Exception, match="unknown config key 'train.num_stepz'"):
+    config_lib.load_config(DIGITS, **{"train.num_stepz": 7})
 
 
 def test_finetune_from_converted_reference_checkpoint(tmp_path):
