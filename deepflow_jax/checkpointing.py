@@ -139,6 +139,7 @@ def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = No
   from deepflow_jax.convert import param_shapes  # pylint: disable=g-import-not-at-top
   from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
+  path = os.path.abspath(path)  # Orbax refuses relative paths
   cfg_path = os.path.join(path, "config.json")
   try:
     with open(cfg_path) as f:
@@ -172,7 +173,8 @@ def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = No
             partial_restore=True))
       return model, restored["ema_params"]
     except Exception as e:  # pylint: disable=broad-except
-      errors.append(f"{state_dir}: {type(e).__name__}")
-      print(f"WARNING: checkpoint {state_dir} is unreadable ({type(e).__name__}); "
+      first = (str(e).strip().splitlines() or [""])[0][:300]
+      errors.append(f"{state_dir}: {type(e).__name__}: {first}")
+      print(f"WARNING: checkpoint {state_dir} is unreadable ({type(e).__name__}: {first}); "
             "trying the previous one", flush=True)
   raise UserError(f"{ckpt_dir}: no readable checkpoint ({'; '.join(errors)})")

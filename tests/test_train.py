@@ -283,7 +283,7 @@ def test_analytic_flops_match_xla_count():
   assert abs(analytic - cost["flops"]) / cost["flops"] < 0.05, (analytic, cost["flops"])
 
 
-def test_digits_main_short_run(tmp_path):
+def test_digits_main_short_run(tmp_path, monkeypatch):
   """The embedded default, shortened: checkpoints, TB events without TF, grid, eval metrics."""
   wd = tmp_path / "digits"
   r = run_main(wd, "--config.train.num_steps=40", "--config.train.ckpt_every=20",
@@ -321,6 +321,16 @@ def test_digits_main_short_run(tmp_path):
   assert g.returncode == 0, g.stderr[-2000:]
   with np.load(out / "samples.npz") as z:
     assert z["arr_0"].shape == (4, 8, 8, 3) and z["arr_0"].dtype == np.uint8
+  # The workdir loader takes relative paths too (Orbax itself refuses them).
+  from deepflow_jax.checkpointing import load_workdir_ema  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  _, ema_abs = load_workdir_ema(str(wd))
+  monkeypatch.chdir(tmp_path)
+  _, ema_rel = load_workdir_ema("digits", step=20)
+  _, ema_last = load_workdir_ema("digits")
+  assert_trees_equal(ema_abs, ema_last)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema_rel),
+                                                      jax.tree.leaves(ema_last)))
   # A second run with a different config keeps the first config file.
   run_main(wd, "--config.train.num_steps=41", "--config.train.ckpt_every=20")
   assert (wd / "config.1.json").exists()
