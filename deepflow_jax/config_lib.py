@@ -149,6 +149,7 @@ def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
 
 def sit_baseline(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same setup as plain SiT: no splits, one velocity head with weight 1."""
+  config.model.preset = f"{config.model.preset} as SiT (no splits)"
   config.model.df_idxs = ()
   config.loss.scale_weight = (1.0,)
   return config
