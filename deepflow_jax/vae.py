@@ -139,6 +139,11 @@ class _Layers:
   def _act(self, x):
     return _ACTIVATIONS[self.act_fn](x)
 
+  def _sub_kw(self) -> dict:
+    """The fields every sub-block inherits from its parent."""
+    return dict(norm_num_groups=self.norm_num_groups, act_fn=self.act_fn, dtype=self.dtype,
+                param_dtype=self.param_dtype, precision=self.precision)
+
 
 class ResnetBlock(nn.Module, _Layers):
   """diffusers ``ResnetBlock2D`` without time embedding (``temb=None``)."""
@@ -185,7 +190,7 @@ class MidAttention(nn.Module, _Layers):
     return x + out.reshape(n, h, w, c)
 
 
-class MidBlock(nn.Module):
+class MidBlock(nn.Module, _Layers):
   """diffusers ``UNetMidBlock2D`` with one layer: resnet, [attention], resnet."""
 
   add_attention: bool = True
@@ -197,9 +202,7 @@ class MidBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(norm_num_groups=self.norm_num_groups, act_fn=self.act_fn,
-              dtype=self.dtype, param_dtype=self.param_dtype,
-              precision=self.precision)
+    kw = self._sub_kw()
     c = x.shape[-1]
     x = ResnetBlock(c, name="resnets_0", **kw)(x)
     if self.add_attention:
@@ -239,7 +242,7 @@ class Upsample(nn.Module, _Layers):
     return self._conv(self.channels, name="conv")(x)
 
 
-class ResnetStage(nn.Module):
+class ResnetStage(nn.Module, _Layers):
   """diffusers ``DownEncoderBlock2D`` (``resample="down"``) or ``UpDecoderBlock2D``
   (``resample="up"``): ``num_layers`` resnets, then the resampler if ``resample``."""
 
@@ -254,9 +257,7 @@ class ResnetStage(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(norm_num_groups=self.norm_num_groups, act_fn=self.act_fn,
-              dtype=self.dtype, param_dtype=self.param_dtype,
-              precision=self.precision)
+    kw = self._sub_kw()
     for i in range(self.num_layers):
       x = ResnetBlock(self.out_channels, name=f"resnets_{i}", **kw)(x)
     if self.resample == "down":
@@ -281,9 +282,7 @@ class Encoder(nn.Module, _Layers):
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(norm_num_groups=self.norm_num_groups, act_fn=self.act_fn,
-              dtype=self.dtype, param_dtype=self.param_dtype,
-              precision=self.precision)
+    kw = self._sub_kw()
     x = self._conv(self.block_out_channels[0], name="conv_in")(x)
     last = len(self.block_out_channels) - 1
     for i, ch in enumerate(self.block_out_channels):
@@ -309,9 +308,7 @@ class Decoder(nn.Module, _Layers):
 
   @nn.compact
   def __call__(self, z):
-    kw = dict(norm_num_groups=self.norm_num_groups, act_fn=self.act_fn,
-              dtype=self.dtype, param_dtype=self.param_dtype,
-              precision=self.precision)
+    kw = self._sub_kw()
     x = self._conv(self.block_out_channels[-1], name="conv_in")(z)
     x = MidBlock(self.mid_block_add_attention, name="mid_block", **kw)(x)
     widths = list(reversed(self.block_out_channels))
