@@ -15,11 +15,12 @@ checkpoint, with a warning naming the bad one, when the newest cannot be read.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Optional
 
 import orbax.checkpoint as ocp
+
+from deepflow_jax.errors import first_line
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -96,9 +97,7 @@ class Checkpointer:
                                     data=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
         # Orbax raises many types for missing/truncated/garbled files.
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        logging.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
-                        os.path.join(self.directory, str(step)), type(e).__name__, first)
+        first = first_line(e)
         print(f"WARNING: checkpoint {os.path.join(self.directory, str(step))} is unreadable "
               f"({type(e).__name__}: {first}); falling back to the previous one", flush=True)
         bad.append(step)
@@ -137,6 +136,7 @@ def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = No
   import numpy as np  # pylint: disable=g-import-not-at-top
   from deepflow_jax import config_lib  # pylint: disable=g-import-not-at-top
   from deepflow_jax.convert import param_shapes  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.models.deepflow import DTYPES  # pylint: disable=g-import-not-at-top
   from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
   path = os.path.abspath(path)  # Orbax refuses relative paths
@@ -158,7 +158,7 @@ def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = No
   # Replicated over every device, whatever layout the training run saved.
   replicated = jax.sharding.NamedSharding(
       jax.sharding.Mesh(np.asarray(jax.devices()), ("d",)), jax.sharding.PartitionSpec())
-  param_dtype = config_lib._DTYPES[config.model.param_dtype]  # pylint: disable=protected-access
+  param_dtype = DTYPES[config.model.param_dtype]
   target = flax.traverse_util.unflatten_dict(
       {k: jax.ShapeDtypeStruct(v, param_dtype, sharding=replicated)
        for k, v in param_shapes(model).items()})
@@ -173,7 +173,7 @@ def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = No
             partial_restore=True))
       return model, restored["ema_params"]
     except Exception as e:  # pylint: disable=broad-except
-      first = (str(e).strip().splitlines() or [""])[0][:300]
+      first = first_line(e)
       errors.append(f"{state_dir}: {type(e).__name__}: {first}")
       print(f"WARNING: checkpoint {state_dir} is unreadable ({type(e).__name__}: {first}); "
             "trying the previous one", flush=True)

@@ -13,10 +13,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from deepflow_jax.errors import UserError
+from deepflow_jax.models.deepflow import DTYPES
 from deepflow_jax.models.deepflow import DeepFlow
+from deepflow_jax.models.deepflow import architecture_problems
 from deepflow_jax.models.presets import PRESETS
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Dtypes a training config may name (float64 is for parity tests only).
+_DTYPES = {k: v for k, v in DTYPES.items() if k != "float64"}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -202,22 +205,9 @@ def set_preset(config, name: str) -> ml_collections.ConfigDict:
 def validate(config) -> None:
   """Refuses unknown or inconsistent values, naming them."""
   _known(config, base_config())
-  m, problems = config.model, []
-  if m.hidden_size % m.num_heads:
-    problems.append(f"model.hidden_size={m.hidden_size} is not divisible by "
-                    f"model.num_heads={m.num_heads}")
-  if m.hidden_size % 4:
-    problems.append(f"model.hidden_size={m.hidden_size} must be divisible by 4")
-  if m.input_size % m.patch_size:
-    problems.append(f"model.input_size={m.input_size} is not divisible by "
-                    f"model.patch_size={m.patch_size}")
+  m = config.model
+  problems = architecture_problems(m, prefix="model.")
   idxs = [int(i) for i in m.df_idxs]
-  if idxs != sorted(set(idxs)):
-    problems.append(f"model.df_idxs={idxs} must be strictly increasing")
-  bad = [i for i in idxs if not 1 <= i < m.depth]
-  if bad:
-    problems.append(f"model.df_idxs={idxs}: split layer(s) {bad} beyond the depth "
-                    f"(valid 1..{m.depth - 1} for model.depth={m.depth})")
   if len(config.loss.scale_weight) != len(idxs) + 1:
     problems.append(f"loss.scale_weight={tuple(config.loss.scale_weight)} has "
                     f"{len(config.loss.scale_weight)} weights but model.df_idxs={idxs} makes "

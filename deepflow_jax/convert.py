@@ -36,8 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepflow_jax.errors import cli_main
+from deepflow_jax.errors import first_line
+from deepflow_jax.models.deepflow import DTYPES
 from deepflow_jax.models.deepflow import DeepFlow
 from deepflow_jax.models.deepflow import sincos_pos_embed
+from deepflow_jax.models.deepflow import validate_architecture
 from deepflow_jax.models.presets import REFERENCE_MODEL_NAMES
 from deepflow_jax.torch_io import ConversionError
 from deepflow_jax.torch_io import check_state_dict
@@ -54,8 +57,6 @@ POS_EMBED_ATOL = 1e-6
 # Model description <-> JSON.
 # ---------------------------------------------------------------------------
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-           "float64": jnp.float64}
 ARCH_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
                "mlp_ratio", "num_classes", "class_dropout_prob", "df_idxs", "projector_dim",
                "ssl_align", "z_dim", "legacy_scaling", "qk_norm")
@@ -77,12 +78,11 @@ def model_from_dict(d: Mapping[str, Any], *, dtype=jnp.float32, param_dtype=jnp.
   kw = dict(d)
   kw["df_idxs"] = tuple(int(i) for i in kw.get("df_idxs", ()))
   if isinstance(dtype, str):
-    dtype = _DTYPES[dtype]
+    dtype = DTYPES[dtype]
   if isinstance(param_dtype, str):
-    param_dtype = _DTYPES[param_dtype]
+    param_dtype = DTYPES[param_dtype]
   model = DeepFlow(**kw, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
   try:
-    from deepflow_jax.models.deepflow import validate_architecture  # pylint: disable=g-import-not-at-top
     validate_architecture(model)
   except ValueError as e:
     raise ConversionError(f"{source}: {e}") from e
@@ -417,7 +417,7 @@ def load_converted(directory: str, *, dtype=jnp.float32, param_dtype=jnp.float32
       params = ckptr.restore(os.path.join(directory, PARAMS_DIR), target)
   except Exception as e:  # orbax raises many types for structure/shape mismatches
     raise ConversionError(f"{directory}/{PARAMS_DIR}: parameters do not match {MODEL_JSON} "
-                          f"({str(e).splitlines()[0][:300]})") from e
+                          f"({first_line(e)})") from e
   return model, params
 
 

@@ -9,6 +9,12 @@ class UserError(ValueError):
   """Bad input from the user (a file, key, flag or value). One-line message."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+  """The first line of an exception's message (its type name if empty), for one-line errors."""
+  lines = str(e).strip().splitlines()
+  return lines[0][:limit] if lines else type(e).__name__
+
+
 def cli_main(fn):
   """Wraps a CLI ``main(argv) -> int|None``: UserErrors become one line on stderr, exit 2."""
 

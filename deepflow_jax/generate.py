@@ -78,6 +78,7 @@ import numpy as np
 from deepflow_jax import sampling
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import cli_main
+from deepflow_jax.models.deepflow import DTYPES
 from deepflow_jax.progress import format_duration
 
 MANIFEST = "manifest.json"
@@ -86,7 +87,7 @@ LATENTS_DIR, LABELS_DIR, IMAGES_DIR = "latents", "labels", "images"
 SAMPLES_NPZ = "samples.npz"
 _BATCH_RE = re.compile(r"^batch_(\d{8})\.npy$")
 _TMP_TAG = ".tmp-"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = {k: DTYPES[k] for k in ("float32", "bfloat16")}  # the choices offered here
 
 # ---------------------------------------------------------------------------
 # Model loading hook.

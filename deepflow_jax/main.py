@@ -187,7 +187,8 @@ def run(config, workdir: str) -> int:
   mesh = shd.make_mesh(config)
   model = config_lib.build_model(config, platform)
   data_cfg = _data_config(config)
-  info = pipeline.dataset_info(data_cfg)
+  source = pipeline.make_source(data_cfg)  # built once: the REPA layout walks its folder
+  info = source.info
   _check_data_matches_model(info, model)
   t = config.train
   log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({platform}), "
@@ -199,7 +200,7 @@ def run(config, workdir: str) -> int:
   ckpt = Checkpointer(workdir, keep=int(t.keep_ckpts))
   data_it = pipeline.make_train_iterator(data_cfg, global_batch_size=int(t.global_batch_size),
                                          process_index=pid, process_count=nproc,
-                                         seed=int(t.seed))
+                                         seed=int(t.seed), source=source)
   restored = ckpt.restore_latest(trainer.abstract_state)
   if restored is not None:
     step, state, data_state = restored

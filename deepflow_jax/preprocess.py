@@ -143,6 +143,7 @@ from PIL import Image
 from deepflow_jax.data import records
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import cli_main
+from deepflow_jax.errors import first_line
 from deepflow_jax.progress import format_duration
 
 FORMAT_VERSION = "deepflow-jax/preprocess/v1"
@@ -305,14 +306,14 @@ class TfdsSource:
       builder = tfds.builder(name, data_dir=data_dir)
       features = builder.info.features
     except Exception as e:  # DatasetNotFoundError, bad config/version strings, ...
-      raise UserError(f"--source=tfds:{name}: no such TFDS dataset ({_first_line(e)})") from e
+      raise UserError(f"--source=tfds:{name}: no such TFDS dataset ({first_line(e)})") from e
     try:
       label_feature = features["label"]
       features["image"]  # pylint: disable=pointless-statement
       self.class_names = [str(n) for n in label_feature.names]
     except Exception as e:
       raise UserError(f"--source=tfds:{name}: needs an 'image' feature and a ClassLabel "
-                      f"'label' feature ({_first_line(e)})") from e
+                      f"'label' feature ({first_line(e)})") from e
     try:
       self._ds = builder.as_data_source(
           split=split, decoders={"image": tfds.decode.SkipDecoding()})
@@ -322,7 +323,7 @@ class TfdsSource:
         prepared = bool(builder.is_prepared())
       except Exception:  # pylint: disable=broad-except
         prepared = False
-      what = (f"cannot be read from {builder.data_dir} ({_first_line(e)})" if prepared else
+      what = (f"cannot be read from {builder.data_dir} ({first_line(e)})" if prepared else
               f"is not prepared in {builder.data_dir}")
       raise UserError(
           f"--source=tfds:{name} split {split!r} {what}. This needs the dataset prepared in "
@@ -390,11 +391,6 @@ def open_source(spec: str, split: str, *, limit: int | None = None,
 # Small file helpers.
 
 
-def _first_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return lines[0][:300] if lines else type(e).__name__
-
-
 def _atomic_write(path: str, data: bytes, tmp: str | None = None) -> None:
   """Writes ``data`` to ``tmp`` (default: a per-process name), then renames it to ``path``."""
   tmp = tmp or f"{path}.tmp-{os.getpid()}"
@@ -414,7 +410,7 @@ def _read_json(path: str):
   except FileNotFoundError:
     return None
   except (OSError, ValueError) as e:
-    raise UserError(f"{path}: unreadable ({_first_line(e)}); is this a preprocess output?") from e
+    raise UserError(f"{path}: unreadable ({first_line(e)}); is this a preprocess output?") from e
 
 
 def _png_bytes(crop: np.ndarray) -> bytes:
@@ -741,7 +737,7 @@ def encode_shards(source, settings: dict, out: str, shards: Sequence[int], vae, 
       crop, label = source.load(i, res)
       return _Loaded(s, i, crop, label, None)
     except Exception as e:  # pylint: disable=broad-except  # any decode/crop failure
-      return _Loaded(s, i, None, None, f"{type(e).__name__}: {_first_line(e)}")
+      return _Loaded(s, i, None, None, f"{type(e).__name__}: {first_line(e)}")
 
   writers: collections.OrderedDict[int, _ShardWriter] = collections.OrderedDict()
   finished = 0
@@ -946,7 +942,7 @@ def _initialize_distributed(a) -> None:
     jax.distributed.initialize(coordinator_address=a.coordinator_address,
                                num_processes=a.num_processes, process_id=a.process_id)
   except (ValueError, RuntimeError) as e:
-    raise UserError(f"--distributed: jax.distributed.initialize failed ({_first_line(e)}); "
+    raise UserError(f"--distributed: jax.distributed.initialize failed ({first_line(e)}); "
                     "give --coordinator_address, --num_processes and --process_id, or launch "
                     "on a cluster JAX detects (SLURM, Open MPI, Cloud TPU, ...)") from e
 

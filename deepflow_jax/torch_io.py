@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from deepflow_jax.errors import UserError
+from deepflow_jax.errors import first_line
 
 
 class ConversionError(UserError):
@@ -48,7 +49,7 @@ def load_weights_file(path: str) -> Any:
       from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
       return load_file(path)
     except Exception as e:  # safetensors raises several types for bad files
-      raise ConversionError(f"{path}: not a readable safetensors file ({_one_line(e)})") from e
+      raise ConversionError(f"{path}: not a readable safetensors file ({first_line(e)})") from e
   torch = _import_torch()
   import pickle  # pylint: disable=g-import-not-at-top
   try:
@@ -57,14 +58,9 @@ def load_weights_file(path: str) -> Any:
   except pickle.UnpicklingError as e:
     raise ConversionError(
         f"{path}: refused to load: the file asks to run code or build objects that "
-        f"are not plain tensors ({_one_line(e)[:200]})") from e
+        f"are not plain tensors ({first_line(e, 200)})") from e
   except (RuntimeError, EOFError, OSError, ValueError) as e:
-    raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({_one_line(e)[:200]})") from e
-
-
-def _one_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return text[0] if text else type(e).__name__
+    raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({first_line(e, 200)})") from e
 
 
 def to_numpy(value) -> np.ndarray:

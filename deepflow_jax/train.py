@@ -135,12 +135,12 @@ class Trainer:
       shape = sorted("/".join(k) for k in set(want) & set(got) if want[k] != got[k])
       raise UserError(f"init_from weights do not fit the configured model: missing {missing[:5]}, "
                       f"unexpected {extra[:5]}, mis-shaped {shape[:5]}")
+    # A fresh AdamW state (zero moments, count 0) does not depend on the parameter
+    # values, so the one init_state builds, already sharded, is kept.
     state = self.init_state(seed)
-    put = lambda tree: jax.tree.map(
-        lambda v, s: jax.device_put(jnp.asarray(v, s.dtype), s.sharding), tree,
-        self.abstract_state.params)
-    return state.replace(params=put(params), ema_params=put(params),
-                         opt_state=self.tx.init(put(params)))
+    params = jax.tree.map(lambda v, s: jax.device_put(jnp.asarray(v, s.dtype), s.sharding),
+                          params, self.abstract_state.params)
+    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
 
   # -- step ----------------------------------------------------------------
 

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepflow_jax.errors import first_line
 from deepflow_jax.torch_io import ConversionError
 from deepflow_jax.torch_io import check_state_dict
 from deepflow_jax.torch_io import flat_state_dict
@@ -641,7 +642,7 @@ def read_config(path: str) -> dict:
     with open(file, encoding="utf-8") as f:
       config = json.load(f)
   except (OSError, ValueError) as e:
-    raise ConversionError(f"{file}: not a readable JSON file ({_first_line(e)})") from e
+    raise ConversionError(f"{file}: not a readable JSON file ({first_line(e)})") from e
   if not isinstance(config, dict):
     raise ConversionError(f"{file}: expected a JSON object")
   return config
@@ -672,11 +673,6 @@ def load_diffusers_state_dict(path: str) -> tuple[dict[str, np.ndarray], str]:
   return flat_state_dict(obj, file), file
 
 
-def _first_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return lines[0][:300] if lines else type(e).__name__
-
-
 class _Shaped:
   """Stands in for an array in ``check_state_dict`` (only ``.shape`` is read)."""
 
@@ -693,7 +689,7 @@ def _restore_orbax(path: str, vae: AutoencoderKL) -> dict:
       item = checkpointer.metadata(ckpt).item_metadata
     except Exception as e:  # orbax raises many types for damaged folders
       raise ConversionError(
-          f"{ckpt}: not a readable Orbax checkpoint ({_first_line(e)})") from e
+          f"{ckpt}: not a readable Orbax checkpoint ({first_line(e)})") from e
     tree = getattr(item, "tree", None)
     if not isinstance(tree, Mapping):
       raise ConversionError(
@@ -706,7 +702,7 @@ def _restore_orbax(path: str, vae: AutoencoderKL) -> dict:
     try:
       return checkpointer.restore(ckpt, target)
     except Exception as e:
-      raise ConversionError(f"{ckpt}: could not restore ({_first_line(e)})") from e
+      raise ConversionError(f"{ckpt}: could not restore ({first_line(e)})") from e
 
 
 def load_diffusers_vae(path: str, dtype: Dtype = jnp.float32,

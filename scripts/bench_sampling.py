@@ -33,8 +33,9 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from deepflow_jax import sampling  # pylint: disable=wrong-import-position
 from deepflow_jax.models.presets import get_model  # pylint: disable=wrong-import-position
+from deepflow_jax.models.deepflow import DTYPES  # pylint: disable=wrong-import-position
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = {k: DTYPES[k] for k in ("float32", "bfloat16")}  # the choices offered here
 
 
 def _parse(argv):

@@ -209,7 +209,7 @@ def test_presets_and_validation():
   with pytest.raises(ValueError, match="unknown model preset"):
     get_model("DeepFlow-XXL/2")
   x = jnp.zeros((1, 8, 8, 4))
-  with pytest.raises(ValueError, match=r"split layers \[9\] are outside"):
+  with pytest.raises(ValueError, match=r"split layer\(s\) \[9\] beyond the depth"):
     _tiny(df_idxs=(2, 9)).init(jax.random.key(0), x, [jnp.zeros(1)] * 3, jnp.zeros(1, jnp.int32))
   with pytest.raises(ValueError, match="not divisible by num_heads"):
     _tiny(num_heads=5).init(jax.random.key(0), x, [jnp.zeros(1)] * 2, jnp.zeros(1, jnp.int32))

@@ -522,7 +522,7 @@ def build_dataset(source, *, batch_size: int, process_index: int = 0, process_co
 
 
 def make_train_iterator(data_config, *, global_batch_size: int, process_index: int,
-                        process_count: int, seed: int):
+                        process_count: int, seed: int, source=None):
   """Resumable iterator of this process's batches (``global_batch_size // process_count`` rows).
 
   Returns grain's ``DatasetIterator``: ``next(it)`` gives a dict of numpy arrays
@@ -530,13 +530,16 @@ def make_train_iterator(data_config, *, global_batch_size: int, process_index: i
   (``{"next_index": examples consumed}`` without worker processes) and
   ``it.set_state(state)`` on an iterator built with the same arguments resumes at
   the exact next batch. Call ``it.close()`` when using ``num_workers > 0``.
+  ``source`` is the ``make_source(data_config)`` result when the caller already
+  built it (for ``.info``); otherwise it is built here.
   Raises ``UserError`` for bad configs, a global batch not divisible by
   ``process_count``, and (when read) unreadable or mis-shaped examples, naming
   the file and index.
   """
   local = _check_sharding(global_batch_size, process_index, process_count)
   cfg = _config_dict(data_config)
-  source = make_source(cfg)
+  if source is None:  # callers that already built it for .info pass it (no second folder walk)
+    source = make_source(cfg)
   num_threads = _int_option(cfg, "num_threads")
   if num_threads is None:
     num_threads = 0 if cfg["name"] == DIGITS else 8  # digits live in memory: no GIL contention

@@ -44,6 +44,10 @@ Dtype = Any
 #   256 timestep frequency features;  "norm" LayerNorm vectors.
 LOGICAL_AXES = ("embed", "mlp", "hidden", "vocab", "patch", "freq", "norm")
 
+# Dtype names used by configs, model.json and command lines.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+          "float64": jnp.float64}
+
 LN_EPS = 1e-6  # every non-affine LayerNorm of the reference
 AFFINE_LN_EPS = 1e-5  # torch nn.LayerNorm default: cross-attention LN, qk-norm
 
@@ -587,20 +591,33 @@ class DeepFlow(nn.Module):
     return self._head(self.final_layer[1], h, c)
 
 
-def validate_architecture(m) -> None:
-  """Raises ValueError naming every inconsistent architecture value."""
-  problems = []
+def architecture_problems(m, prefix: str = "") -> list[str]:
+  """Every inconsistent architecture value of ``m`` (a DeepFlow or config.model), named.
+
+  ``prefix`` is prepended to field names (``"model."`` for configs).
+  """
+  p, problems = prefix, []
   if m.hidden_size % m.num_heads:
-    problems.append(f"hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}")
+    problems.append(f"{p}hidden_size={m.hidden_size} is not divisible by "
+                    f"{p}num_heads={m.num_heads}")
   if m.hidden_size % 4:
-    problems.append(f"hidden_size {m.hidden_size} must be divisible by 4 (2D sin-cos positions)")
+    problems.append(f"{p}hidden_size={m.hidden_size} must be divisible by 4 (2D sin-cos "
+                    "positions)")
   if m.input_size % m.patch_size:
-    problems.append(f"input_size {m.input_size} is not divisible by patch_size {m.patch_size}")
-  idxs = list(m.df_idxs)
+    problems.append(f"{p}input_size={m.input_size} is not divisible by "
+                    f"{p}patch_size={m.patch_size}")
+  idxs = [int(i) for i in m.df_idxs]
   if idxs != sorted(set(idxs)):
-    problems.append(f"df_idxs {idxs} must be strictly increasing")
+    problems.append(f"{p}df_idxs={idxs} must be strictly increasing")
   bad = [i for i in idxs if not 1 <= i < m.depth]
   if bad:
-    problems.append(f"df_idxs {idxs}: split layers {bad} are outside 1..depth-1 (depth {m.depth})")
+    problems.append(f"{p}df_idxs={idxs}: split layer(s) {bad} beyond the depth "
+                    f"(valid 1..{m.depth - 1} for {p}depth={m.depth})")
+  return problems
+
+
+def validate_architecture(m) -> None:
+  """Raises ValueError naming every inconsistent architecture value."""
+  problems = architecture_problems(m)
   if problems:
     raise ValueError("; ".join(problems))
