@@ -138,6 +138,7 @@ def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = No
   from deepflow_jax.convert import param_shapes  # pylint: disable=g-import-not-at-top
   from deepflow_jax.models.deepflow import DTYPES  # pylint: disable=g-import-not-at-top
   from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from deepflow_jax import sharding as shd  # pylint: disable=g-import-not-at-top
 
   path = os.path.abspath(path)  # Orbax refuses relative paths
   cfg_path = os.path.join(path, "config.json")
@@ -156,8 +157,7 @@ def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = No
   if not candidates:
     raise UserError(f"{ckpt_dir}: no checkpoints yet")
   # Replicated over every device, whatever layout the training run saved.
-  replicated = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.asarray(jax.devices()), ("d",)), jax.sharding.PartitionSpec())
+  replicated = shd.replicated(shd.data_mesh())
   param_dtype = DTYPES[config.model.param_dtype]
   target = flax.traverse_util.unflatten_dict(
       {k: jax.ShapeDtypeStruct(v, param_dtype, sharding=replicated)

@@ -80,6 +80,7 @@ from deepflow_jax.errors import UserError
 from deepflow_jax.errors import cli_main
 from deepflow_jax.models.deepflow import DTYPES
 from deepflow_jax.progress import format_duration
+from deepflow_jax.sharding import data_mesh
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "deepflow-jax/generate/v1"
@@ -469,7 +470,7 @@ def main(argv=None):
       "images": with_images,
   }
   out = os.path.abspath(a.output)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  mesh = data_mesh()
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch = a.per_device_batch * mesh.size

@@ -315,7 +315,7 @@ def evaluate_digits(model, params, config, workdir, writer, step, is_main) -> di
   """Class accuracy and Fréchet distance of generated digits -> eval/metrics.json."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from deepflow_jax.data import digits as digits_lib  # pylint: disable=g-import-not-at-top
-  from deepflow_jax.eval import digits_eval  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.evaluation import digits as digits_eval  # pylint: disable=g-import-not-at-top
   n = int(config.eval.num_samples)
   labels = np.arange(n) % model.num_classes
   t0 = time.perf_counter()

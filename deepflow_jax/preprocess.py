@@ -623,11 +623,11 @@ def _remove_if_exists(path: str) -> None:
 def _make_encoder(vae, devices: tuple):
   """(jitted ``(params, uint8 images) -> (mean, std)``, data sharding, replicated sharding)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  mesh = Mesh(np.asarray(devices), ("data",))
+  from deepflow_jax.sharding import data_mesh  # pylint: disable=g-import-not-at-top
+  mesh = data_mesh(devices)
   data = NamedSharding(mesh, P("data"))
   repl = NamedSharding(mesh, P())
 

@@ -48,30 +48,44 @@ def maybe_initialize_distributed(config) -> None:
     jax.distributed.initialize()
 
 
-def make_mesh(config, devices: Sequence[Any] | None = None) -> Mesh:
-  """The ("data", "fsdp") mesh; a -1 entry takes the remaining devices."""
+def build_mesh(sizes: Sequence[int], axes: Sequence[str],
+               devices: Sequence[Any] | None = None) -> Mesh:
+  """The one place a ``Mesh`` is built: axis ``sizes`` (one may be -1: the rest) over ``devices``.
+
+  ``devices`` defaults to every device of every host, ordered by
+  ``jax.make_mesh`` (each process's devices together, physical topology where
+  JAX knows it). Axes are ``Auto``: XLA's partitioner propagates shardings.
+  """
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
-  shape = [int(config.mesh.data), int(config.mesh.fsdp)]
+  shape = [int(s) for s in sizes]
+  names = "/".join(f"mesh.{a}" for a in axes)
   if shape.count(-1) > 1:
-    raise UserError("mesh: at most one of mesh.data / mesh.fsdp may be -1")
+    raise UserError(f"mesh: at most one of {names} may be -1")
+  if any(s == 0 or s < -1 for s in shape):
+    raise UserError(f"mesh: {names} must be positive or -1, got {shape}")
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if n % known:
       raise UserError(f"mesh: {n} devices are not divisible by the fixed axis size {known}")
     shape[shape.index(-1)] = n // known
   if int(np.prod(shape)) != n:
-    raise UserError(f"mesh: data={shape[0]} x fsdp={shape[1]} needs {np.prod(shape)} devices, "
-                    f"but {n} are present")
+    sizes_text = " x ".join(f"{a}={s}" for a, s in zip(axes, shape))
+    raise UserError(f"mesh: {sizes_text} needs {int(np.prod(shape))} devices, but {n} are present")
+  axis_types = (AxisType.Auto,) * len(axes)
   if devices == list(jax.devices()) and n > 1:
-    # Device order that keeps each process's devices together and follows the
-    # physical topology where JAX knows it.
-    # Auto axes: XLA's partitioner propagates shardings (jax.make_mesh would
-    # otherwise default to explicit sharding-in-types).
-    return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices,
-                         axis_types=(AxisType.Auto,) * len(MESH_AXES))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(tuple(shape), tuple(axes), devices=devices, axis_types=axis_types)
+  return Mesh(np.asarray(devices).reshape(shape), tuple(axes), axis_types=axis_types)
+
+
+def make_mesh(config, devices: Sequence[Any] | None = None) -> Mesh:
+  """The training mesh ("data", "fsdp") from ``config.mesh``; a -1 entry takes the remaining devices."""
+  return build_mesh((config.mesh.data, config.mesh.fsdp), MESH_AXES, devices)
+
+
+def data_mesh(devices: Sequence[Any] | None = None) -> Mesh:
+  """A 1-D ``("data",)`` mesh over ``devices`` (default: all): sampling, encoding, evaluation."""
+  return build_mesh((-1,), ("data",), devices)
 
 
 def rules_from_config(config) -> tuple[tuple[str, Any], ...]:

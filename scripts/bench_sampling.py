@@ -34,6 +34,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from deepflow_jax import sampling  # pylint: disable=wrong-import-position
 from deepflow_jax.models.presets import get_model  # pylint: disable=wrong-import-position
 from deepflow_jax.models.deepflow import DTYPES  # pylint: disable=wrong-import-position
+from deepflow_jax.sharding import data_mesh  # pylint: disable=wrong-import-position
 
 _DTYPES = {k: DTYPES[k] for k in ("float32", "bfloat16")}  # the choices offered here
 
@@ -83,7 +84,7 @@ def main(argv=None):
   a = _parse(argv)
   model = _model(a)
   devices = jax.devices()
-  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  mesh = data_mesh(devices)
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   n = a.per_device_batch * len(devices)

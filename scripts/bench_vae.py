@@ -20,10 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
+from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from deepflow_jax import vae as vae_lib  # pylint: disable=wrong-import-position
+from deepflow_jax.sharding import data_mesh  # pylint: disable=wrong-import-position
 
 
 def _parse(argv):
@@ -66,7 +67,7 @@ def main(argv=None):
   n_dev = len(devices)
   if args.batch % n_dev:
     raise SystemExit(f"--batch={args.batch} is not a multiple of {n_dev} devices")
-  mesh = Mesh(np.array(devices), ("data",))
+  mesh = data_mesh(devices)
   replicated = NamedSharding(mesh, P())
   batch_sharded = NamedSharding(mesh, P("data"))
 

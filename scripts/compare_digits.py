@@ -40,7 +40,7 @@ def evaluate(workdir: str, step: int, sample_overrides: dict) -> dict:
   import ml_collections  # pylint: disable=g-import-not-at-top
   from deepflow_jax.checkpointing import load_workdir_ema  # pylint: disable=g-import-not-at-top
   from deepflow_jax.data import digits as digits_lib  # pylint: disable=g-import-not-at-top
-  from deepflow_jax.eval import digits_eval  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.evaluation import digits as digits_eval  # pylint: disable=g-import-not-at-top
   from deepflow_jax.main import generate_samples  # pylint: disable=g-import-not-at-top
   model, params = load_workdir_ema(workdir, step=step)
   with open(os.path.join(workdir, "config.json")) as f:

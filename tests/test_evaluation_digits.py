@@ -4,7 +4,7 @@ import pytest
 
 from deepflow_jax.data import digits
 from deepflow_jax.errors import UserError
-from deepflow_jax.eval import digits_eval
+from deepflow_jax.evaluation import digits as digits_eval
 
 
 @pytest.fixture(scope="module")

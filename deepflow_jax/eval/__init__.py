@@ -1,1 +1,0 @@
-"""Evaluation helpers (digits classifier accuracy and Frechet distance)."""
