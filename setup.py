@@ -24,6 +24,7 @@ setup(
         "pillow>=10",
         "safetensors>=0.4",
         "scikit-learn>=1.3",
+        "scipy>=1.10",
         "tensorboardX>=2.6",
         "absl-py",
     ],
