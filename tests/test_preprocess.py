@@ -1,17 +1,26 @@
-"""deepflow_jax.preprocess: reference crop, both formats, resume, hosts, devices, TFDS."""
+"""deepflow_jax.preprocess: reference crop, both formats, resume, hosts, devices, TFDS.
+
+The command line (``preprocess.main``) drives the library modules
+``data.image_sources`` (crop, sources), ``data.latent_writer`` (layouts,
+resumable state) and ``data.encode`` (the job).
+"""
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from array_record.python import array_record_module
 from PIL import Image
 
 from deepflow_jax import preprocess
 from deepflow_jax import vae as vae_lib
+from deepflow_jax.data import image_sources
+from deepflow_jax.data import latent_writer
 from deepflow_jax.data import pipeline, records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,14 +177,14 @@ def repa_out(folder, tmp_path_factory):
                                       ((1000, 999), 256)])
 def test_center_crop_matches_reference(size, res):
   img = make_image("RGB", size, 0)
-  got = preprocess.center_crop_arr(img, res)
+  got = image_sources.center_crop_arr(img, res)
   assert got.shape == (res, res, 3) and got.dtype == np.uint8 and got.flags.c_contiguous
   np.testing.assert_array_equal(got, reference_crop(img, res))
 
 
 def test_center_crop_box_halving_path_matters():
   img = make_image("RGB", (700, 530), 1)
-  got = preprocess.center_crop_arr(img, 64)
+  got = image_sources.center_crop_arr(img, 64)
   # Without the BOX halvings (a direct bicubic resize) the pixels differ.
   s = 64 / 530
   direct = np.array(img.resize((round(700 * s), round(530 * s)), Image.BICUBIC))
@@ -186,17 +195,17 @@ def test_center_crop_box_halving_path_matters():
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P"])
 def test_center_crop_converts_modes(mode):
   img = make_image(mode, (45, 61), 2)
-  got = preprocess.center_crop_arr(img, 32)
+  got = image_sources.center_crop_arr(img, 32)
   np.testing.assert_array_equal(got, reference_crop(img, 32))
-  np.testing.assert_array_equal(got, preprocess.center_crop_arr(img.convert("RGB"), 32))
+  np.testing.assert_array_equal(got, image_sources.center_crop_arr(img.convert("RGB"), 32))
 
 
 def test_imagefolder_order_and_labels(folder):
-  src = preprocess.ImageFolderSource(folder)
+  src = image_sources.ImageFolderSource(folder)
   assert src.files == ORDER and src.labels == LABELS
   assert src.class_names == ["n01_cat", "n02_dog", "n03_fish"]
   assert src.ignored == {"files without an image extension": 1, "folders without images": 1}
-  assert preprocess.ImageFolderSource(folder, limit=4).files == ORDER[:4]
+  assert image_sources.ImageFolderSource(folder, limit=4).files == ORDER[:4]
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -221,8 +230,8 @@ def test_arrayrecord_output(arrayrecord_out, expected):
   assert meta["shards"] == [records.shard_name("train", s, 3) for s in range(3)]
   assert meta["num_skipped"] == 1 and meta["skipped"] == ["n02_dog/corrupt.jpg"]
   assert meta["class_names"] == ["n01_cat", "n02_dog", "n03_fish"]
+  assert meta["vae_downsampling"] == 4  # the tiny VAE's: 32 px -> 8 x 8 latents
   # The records' index is the source position: the corrupt image leaves a gap.
-  from array_record.python import array_record_module
   indices = []
   for name in meta["shards"]:
     r = array_record_module.ArrayRecordReader(os.path.join(arrayrecord_out, name))
@@ -239,8 +248,12 @@ def test_arrayrecord_output(arrayrecord_out, expected):
 def test_repa_output_and_images(repa_out, expected):
   src = pipeline.RepaLatentSource(repa_out)
   check_values(src, expected)
-  assert src.files == [preprocess.repa_feature_name(i) for i in GOOD]
+  assert src.files == [latent_writer.repa_feature_name(i) for i in GOOD]
   arr = np.load(os.path.join(repa_out, "vae-sd", "00000", "img-mean-std-00000006.npy"))
+  with open(os.path.join(repa_out, "vae-sd", "dataset.json")) as f:
+    meta = json.load(f)
+  assert meta["vae_downsampling"] == 4 and meta["scaling_factor"] == vae_lib.load_diffusers_vae(
+      VAE_DIR)[0].scaling_factor  # the encoding VAE's, recorded for training and decoding
   assert arr.shape == (8, 8, 8) and arr.dtype == np.float32  # (2c, h, w)
   with open(os.path.join(repa_out, "images", "dataset.json")) as f:
     labels = json.load(f)["labels"]
@@ -395,7 +408,7 @@ def test_tfds_mock_data(folder, expected, tmp_path, capsys):
   assert "imagenet2012/train[4]" in cap.err  # the corrupt one, by name
   src = pipeline.RepaLatentSource(out)
   check_values(src, expected)
-  settings = preprocess.read_settings(str(out))
+  settings = latent_writer.read_settings(str(out))
   assert settings["settings"]["num_classes"] == 1000
   assert settings["info"]["class_names"][:2] == ["n01440764", "n01443537"]
 
@@ -426,7 +439,6 @@ def test_cli_errors(folder, tmp_path, capsys, argv, msg):
 
 def test_coordinated_processes(folder, arrayrecord_out, tmp_path):
   """Two processes under jax.distributed: each writes its shards, process 0 finalises."""
-  import socket
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]

@@ -1,0 +1,364 @@
+"""Encoding an image dataset to SD-VAE latent moments: sharded over devices and hosts, resumable.
+
+:func:`encode_dataset` is the whole job (what ``python -m deepflow_jax.preprocess``
+runs): open the source (:mod:`deepflow_jax.data.image_sources`), load the VAE,
+record or check the settings in the output folder
+(:mod:`deepflow_jax.data.latent_writer`), encode this process's unfinished
+shards (:func:`encode_shards`) and write the final files when every shard is
+done. Per image: the reference's centre crop, ``x / 127.5 - 1``, the VAE
+encoder's posterior mean and ``std = exp(0.5 * clip(logvar, -30, 20))``, float32
+NHWC. Unreadable images are reported on stderr by name, skipped and listed in
+the summary.
+
+Devices: a 1-D mesh ``"data"`` over this process's local devices; each batch
+(``batch_size`` per device, uint8 ``(B, res, res, 3)``) is placed with
+``NamedSharding(mesh, P("data"))`` and the jitted encoder has explicit in/out
+shardings (parameters replicated). The last batch is padded with zeros and the
+padding dropped. Images are decoded and cropped by ``num_workers`` threads ahead
+of the device, in order.
+
+Hosts: shard ``s`` belongs to process ``s mod P`` (round-robin), so each process
+reads only its share of the images and writes only its own shards. Process
+index and count come from JAX (after ``jax.distributed.initialize()``) or are
+given (``process_index`` / ``process_count``) for independent launches that
+share the output folder. The final files are written when every shard is done:
+
+* under JAX's multi-process runtime (index and count not given, several JAX
+  processes), process 0 records the settings first; every process waits at a
+  barrier after its shards, then process 0 writes the final files;
+* with independent launches, each process checks after its own shards; the one
+  that finds every shard done writes them (several may, harmlessly: the content
+  is the same and written atomically). Otherwise it says what is missing;
+  :func:`deepflow_jax.data.latent_writer.finalize_output` writes them later.
+
+Determinism: a rerun with the same settings skips finished shards and redoes
+unfinished ones, so an interrupted run resumed ends with the same files as an
+uninterrupted one. Batch size, worker and device counts may change between runs
+(on CPU the results are bitwise identical; accelerators may pick different
+kernels for other per-device batch shapes).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import sys
+from typing import Callable, Iterable, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deepflow_jax import outputs
+from deepflow_jax import vae as vae_lib
+from deepflow_jax.data import image_sources
+from deepflow_jax.data import latent_writer
+from deepflow_jax.errors import UserError
+from deepflow_jax.errors import first_line
+from deepflow_jax.progress import Progress
+from deepflow_jax.sharding import data_mesh
+
+PRECISIONS = ("highest", "default")
+
+
+def _print(line: str) -> None:
+  print(line, flush=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_encoder(vae, devices: tuple):
+  """(jitted ``(params, uint8 images) -> (mean, std)``, data sharding, replicated sharding)."""
+  mesh = data_mesh(devices)
+  data = NamedSharding(mesh, P("data"))
+  repl = NamedSharding(mesh, P())
+
+  def encode(params, images_u8):
+    return vae.apply({"params": params}, image_sources.to_model_input(images_u8),
+                     method=vae.encode)
+
+  fn = jax.jit(encode, in_shardings=(repl, data), out_shardings=(data, data))
+  return fn, data, repl
+
+
+@dataclasses.dataclass
+class _Loaded:
+  shard: int
+  index: int
+  crop: np.ndarray | None
+  label: int | None
+  error: str | None
+
+
+def _ordered_parallel(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
+  """``map(fn, items)`` run by ``workers`` threads, in order, at most ``ahead`` in flight."""
+  if workers <= 1:
+    yield from map(fn, items)
+    return
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    queue = collections.deque()
+    try:
+      for item in items:
+        queue.append(pool.submit(fn, item))
+        if len(queue) >= ahead:
+          yield queue.popleft().result()
+      while queue:
+        yield queue.popleft().result()
+    finally:
+      for f in queue:
+        f.cancel()
+
+
+def encode_shards(source, settings: dict, out: str, shards: Sequence[int], vae, params, *,
+                  batch_size: int, num_workers: int, log: Callable[[str], None] = _print,
+                  tag: str = "preprocess", stop_after_shards: int | None = None,
+                  log_every_s: float = 10.0, devices=None) -> tuple[int, bool]:
+  """Encodes and writes ``shards`` (in order); returns (shards finished, stopped early).
+
+  ``batch_size`` is per device; the batch is split over ``devices`` (default:
+  ``jax.local_devices()``). Unreadable images are reported on stderr, skipped,
+  and recorded in their shard's marker. Progress lines
+  (:class:`deepflow_jax.progress.Progress`, plus the skipped count and the
+  shards finished) go to ``log``, prefixed ``[tag]``, at most every
+  ``log_every_s`` seconds and after every shard. ``stop_after_shards`` stops
+  after that many shards (used to test resumption).
+  """
+  devices = tuple(devices if devices is not None else jax.local_devices())
+  encode, data_sharding, repl = _make_encoder(vae, devices)
+  params = jax.device_put(params, repl)
+  global_batch = batch_size * len(devices)
+  res = settings["resolution"]
+  items = [(s, i) for s in shards for i in range(*latent_writer.shard_range(s, settings))]
+  total_shards = len(shards)
+  finished = 0
+  skipped = 0  # unreadable images so far
+  uncounted_skips = 0  # skipped but not yet passed to the progress counter
+  status = f"0/{total_shards} shards this run"
+  progress = Progress(len(items), tag, "images", every_s=log_every_s,
+                      log=lambda line: log(f"{line} | skipped {skipped} | {status}"))
+
+  def count(n: int, force: bool = False) -> None:
+    # Skips are counted with the next written batch, so that the first update the
+    # rate is measured from is a real batch (it includes compilation).
+    nonlocal uncounted_skips
+    progress.update(n + uncounted_skips, force=force)
+    uncounted_skips = 0
+
+  def load(item):
+    s, i = item
+    try:
+      crop, label = source.load(i, res)
+      return _Loaded(s, i, crop, label, None)
+    except Exception as e:  # pylint: disable=broad-except  # any decode/crop failure
+      return _Loaded(s, i, None, None, f"{type(e).__name__}: {first_line(e)}")
+
+  writers: collections.OrderedDict[int, latent_writer.ShardWriter] = collections.OrderedDict()
+  batch: list[_Loaded] = []
+  inflight = None  # (mean, std, items) of the batch on the devices
+
+  def dispatch(loaded):
+    arr = np.zeros((global_batch, res, res, 3), np.uint8)  # zero padding past len(loaded)
+    for k, x in enumerate(loaded):
+      arr[k] = x.crop
+    mean, std = encode(params, jax.device_put(arr, data_sharding))
+    return mean, std, loaded
+
+  def drain(flight):
+    mean, std, loaded = flight
+    mean, std = np.asarray(mean), np.asarray(std)
+    for k, x in enumerate(loaded):
+      writers[x.shard].write(x.index, x.label, mean[k], std[k], x.crop)
+    count(len(loaded))
+
+  def finish_ready() -> bool:
+    """Publishes complete shards; True when ``stop_after_shards`` is reached."""
+    nonlocal finished, status
+    for s in [s for s, w in writers.items() if w.pending == 0]:
+      writers.pop(s).finish()
+      finished += 1
+      status = f"shard {s} done ({finished}/{total_shards} this run)"
+      count(0, force=True)
+      status = f"{finished}/{total_shards} shards this run"
+      if stop_after_shards is not None and finished >= stop_after_shards:
+        return True
+    return False
+
+  stopped = False
+  loader = _ordered_parallel(load, items, num_workers, ahead=max(2 * global_batch, 8))
+  try:
+    for x in loader:
+      if x.shard not in writers:
+        writers[x.shard] = latent_writer.ShardWriter(out, settings, x.shard)
+      if x.error is not None:
+        name = source.name(x.index)
+        print(f"warning: skipping unreadable image {name} (example {x.index}): {x.error}",
+              file=sys.stderr, flush=True)
+        writers[x.shard].skip(x.index, name, x.error)
+        skipped += 1
+        uncounted_skips += 1
+      else:
+        batch.append(x)
+      if len(batch) == global_batch:
+        flight = dispatch(batch)
+        batch = []
+        if inflight is not None:
+          drain(inflight)
+        inflight = flight
+      if finish_ready() and finished < total_shards:
+        stopped = True
+        break
+    if not stopped:
+      if batch:
+        flight = dispatch(batch)
+        if inflight is not None:
+          drain(inflight)
+        inflight = flight
+      if inflight is not None:
+        drain(inflight)
+        inflight = None
+      stopped = finish_ready() and finished < total_shards
+  finally:
+    loader.close()  # stops the decoding threads
+    for w in writers.values():  # only unfinished shards remain here
+      w.abandon()
+  if stopped:
+    log(f"[{tag}] stopping after {finished} shard(s) (stop_after_shards)")
+  return finished, stopped
+
+
+@dataclasses.dataclass
+class EncodeResult:
+  """What :func:`encode_dataset` did in this process.
+
+  Attributes:
+    output: the output folder (absolute).
+    shards_written: shards this process finished in this run.
+    stopped: True when it stopped early (``stop_after_shards``).
+    missing: shards not done yet (other processes' shards of independent
+      launches); empty when the final files were written.
+  """
+  output: str
+  shards_written: int
+  stopped: bool
+  missing: list[int]
+
+  @property
+  def complete(self) -> bool:
+    return not self.stopped and not self.missing
+
+
+def encode_dataset(source: str, vae: str, output: str, *, split: str = "train",
+                   resolution: int = 256,
+                   format: str = latent_writer.ARRAYRECORD,  # pylint: disable=redefined-builtin
+                   save_images: bool = False, batch_size: int = 32,
+                   examples_per_shard: int = 5000, limit: int | None = None,
+                   num_workers: int | None = None, precision: str = "highest",
+                   tfds_data_dir: str | None = None, process_index: int | None = None,
+                   process_count: int | None = None, stop_after_shards: int | None = None,
+                   log_every_s: float = 10.0,
+                   log: Callable[[str], None] = _print) -> EncodeResult:
+  """Encodes the images of ``source`` to VAE latent moments in ``output`` (see the module doc).
+
+  Args:
+    source: ``imagefolder:PATH`` or ``tfds:NAME``.
+    vae: a diffusers ``AutoencoderKL`` folder or a ``convert_vae`` folder.
+    output: the output folder (created; resumable; refused if it holds other
+      settings or unrelated files, with nothing changed).
+    split: the TFDS split; the shard-name prefix in both cases.
+    resolution: crop side in pixels; a multiple of the VAE's downsampling factor.
+    format: ``"arrayrecord"`` or ``"repa"`` (:mod:`latent_writer`).
+    save_images: also store the crops as PNGs in ``output/images/``.
+    batch_size: images per device per batch.
+    examples_per_shard: source examples per shard (the unit of work, of
+      resumption and of the split between hosts).
+    limit: only the first ``limit`` source examples.
+    num_workers: image decoding threads (default: the CPU count).
+    precision: ``"highest"`` (full float32 convolutions) or ``"default"`` (the
+      backend's: TF32 / bf16 passes, faster).
+    tfds_data_dir: TFDS ``data_dir`` for ``tfds:`` sources.
+    process_index, process_count: this launch among independent launches
+      sharing ``output`` (both or neither; default: JAX's, coordinated with
+      barriers when JAX has several processes).
+    stop_after_shards: stop after this many shards (tests of resumption).
+    log_every_s: seconds between progress lines.
+    log: where lines go (print by default).
+
+  Returns:
+    An :class:`EncodeResult`. Bad input raises ``UserError`` (one line).
+  """
+  if format not in latent_writer.FORMATS:
+    raise UserError(f"format must be one of {', '.join(latent_writer.FORMATS)}, got {format!r}")
+  if precision not in PRECISIONS:
+    raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+  if (process_index is None) != (process_count is None):
+    raise UserError("give both process_index and process_count, or neither")
+  out = os.path.abspath(output)
+  coordinated = process_count is None and jax.process_count() > 1
+  pidx = jax.process_index() if process_index is None else process_index
+  pcount = jax.process_count() if process_count is None else process_count
+  tag = "preprocess" if pcount == 1 else f"preprocess p{pidx}/{pcount}"
+  say = lambda msg: log(f"[{tag}] {msg}")
+
+  src = image_sources.open_source(source, split, limit=limit, tfds_data_dir=tfds_data_dir)
+  vae_model, params = vae_lib.load_diffusers_vae(
+      vae, precision=jax.lax.Precision.HIGHEST if precision == "highest" else None)
+  f = vae_model.downsample_factor
+  if resolution % f:
+    raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling "
+                    f"factor {f}")
+  n = len(src)
+  settings = {
+      "source": src.spec(), "source_digest": src.digest, "split": split,
+      "limit": limit, "num_source_examples": n, "num_classes": src.num_classes,
+      "resolution": resolution, "vae_digest": outputs.tree_digest(params),
+      "latent_shape": [resolution // f, resolution // f, int(vae_model.latent_channels)],
+      "precision": precision, "format": format, "examples_per_shard": examples_per_shard,
+      "num_shards": -(-n // examples_per_shard), "save_images": bool(save_images),
+  }
+  info = {"vae": os.path.abspath(vae), "scaling_factor": float(vae_model.scaling_factor),
+          "class_names": src.class_names, "source": src.describe()}
+  if coordinated and pidx != 0:
+    multihost_utils.sync_global_devices("preprocess-settings")  # process 0 writes them first
+    doc = latent_writer.open_output(out, settings, info)
+  else:
+    doc = latent_writer.open_output(out, settings, info)
+    if coordinated:
+      multihost_utils.sync_global_devices("preprocess-settings")
+
+  num_shards = settings["num_shards"]
+  done = latent_writer.done_shards(out, settings)
+  mine = [s for s in range(num_shards) if s % pcount == pidx and s not in done]
+  ignored = getattr(src, "ignored", {})
+  if ignored:
+    say("ignored: " + ", ".join(f"{v} {k}" for k, v in sorted(ignored.items())))
+  num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+  devices = jax.local_devices()
+  say(f"{src.spec()} ({n} examples, {src.num_classes} classes) -> {out} "
+      f"[{format}{', images' if save_images else ''}], {resolution}px, latents "
+      f"{settings['latent_shape']}; {num_shards} shards, {len(done)} already done, "
+      f"{len(mine)} for this process; {len(devices)} device(s) x {batch_size} per batch, "
+      f"{num_workers} decoding threads")
+  written, stopped = encode_shards(
+      src, settings, out, mine, vae_model, params, batch_size=batch_size,
+      num_workers=num_workers, log=log, tag=tag, stop_after_shards=stop_after_shards,
+      log_every_s=log_every_s, devices=devices)
+  if stopped:
+    done = latent_writer.done_shards(out, settings)
+    return EncodeResult(out, written, True, [s for s in range(num_shards) if s not in done])
+  if coordinated:
+    multihost_utils.sync_global_devices("preprocess-shards-done")
+    if pidx == 0:
+      missing = latent_writer.finalize(out, doc, log=log, tag=tag)
+      if missing:
+        raise UserError(f"{out}: shards {missing[:5]} are missing after every process finished")
+    multihost_utils.sync_global_devices("preprocess-finalized")
+    return EncodeResult(out, written, False, [])
+  missing = latent_writer.finalize(out, doc, log=log, tag=tag)
+  if missing:
+    say(f"this process's shards are done; {len(missing)} shard(s) of other processes are not "
+        f"(first: {missing[:5]}). The last process to finish writes the final files; "
+        f"or run: python -m deepflow_jax.preprocess --output={out} --finalize")
+  return EncodeResult(out, written, False, missing)
