@@ -118,7 +118,8 @@ HIGHEST = jax.lax.Precision.HIGHEST
 # ---------------------------------------------------------------------------
 
 
-def _plain_bicubic_weights(in_size: int, out_size: int, scale_factor: Optional[float]) -> np.ndarray:
+def _plain_bicubic_weights(in_size: int, out_size: int,
+                           scale_factor: Optional[float]) -> np.ndarray:
   """torch ``F.interpolate(mode='bicubic', align_corners=False, antialias=False)`` along one axis.
 
   Computed in float32 the way PyTorch does for float32 inputs: scale
@@ -685,9 +686,9 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], source: str,
     ffn_layer, ffn_hidden = "mlp", (fc1[0] if fc1 is not None else 4 * d)
   if num_heads is None:
     if d not in OFFICIAL_NUM_HEADS:
+      table = ", ".join(f"{k}->{v} heads" for k, v in OFFICIAL_NUM_HEADS.items())
       raise ConversionError(
-          f"{source}: width {d} is not an official DINOv2 width "
-          f"({', '.join(f'{k}->{v} heads' for k, v in OFFICIAL_NUM_HEADS.items())}); pass num_heads")
+          f"{source}: width {d} is not an official DINOv2 width ({table}); pass num_heads")
     num_heads = OFFICIAL_NUM_HEADS[d]
   num_heads = int(num_heads)
   if num_heads < 1 or d % num_heads:
