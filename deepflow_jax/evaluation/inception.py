@@ -60,7 +60,7 @@ the caller makes it mutable, so the plain call pays nothing):
 
 The network's convolutions and matmuls run at ``precision="highest"`` by
 default, so float32 features are float32-exact on GPUs (no TF32) and TPUs (no
-single-pass bf16) as on CPUs; the whole network is ~5.7 GFLOP per image, small
+single-pass bf16) as on CPUs; the network is ~11 GFLOP per image, small
 next to generating the image. ``dtype=jnp.bfloat16`` computes the network in
 bfloat16 (preprocessing and outputs stay float32).
 """
