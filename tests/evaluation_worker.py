@@ -1,0 +1,34 @@
+"""Run in a subprocess (XLA_FLAGS set by the test before JAX loads): evaluate_samples with the stand-in.
+
+argv: batch_size. Prints one JSON line with the metrics, the device count and
+digests of the sample statistics (to compare runs with different device counts
+and batch sizes).
+"""
+import json
+import sys
+
+import jax
+import numpy as np
+
+from deepflow_jax.evaluation import suite
+from evaluation_standin import images, standin
+
+
+def main():
+  batch = int(sys.argv[1])
+  model, params = standin()
+  ref_imgs, samples = images(1, 40), images(2, 50, shift=20)
+  ref = suite.compute_reference_statistics(model, params, ref_imgs, batch_size=batch, log=None)
+  acc = suite.FeatureAccumulator()
+  # Samples as uneven batches: the pass regroups them.
+  chunks = [samples[:7], samples[7:30], samples[30:]]
+  suite.run_feature_pass(model, params, iter(chunks), acc, batch_size=batch, log=None)
+  res = suite.metrics_from_features(acc, ref, log=None)
+  mu, sigma = acc.pool_stats.statistics()
+  res.update(devices=jax.device_count(), mu=mu.tolist(), sigma=sigma.tolist(),
+             ref_mu_s=ref.mu_s.tolist(), pool=acc.pool.features().tolist())
+  print(json.dumps(res))
+
+
+if __name__ == "__main__":
+  main()
