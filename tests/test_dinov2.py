@@ -23,8 +23,8 @@ the golden checkpoint bit for bit) and compared with ``_torch_forward``, an
 independent restatement of DINOv2's forward_features in PyTorch written from
 the official semantics (itself checked against the golden arrays first).
 
-Takes ~30-40 s on 2 CPU cores (most of it XLA compilation and one subprocess
-with 8 fake devices).
+Takes ~50 s wall (30 s of CPU) on the shared 2-core machine, most of it XLA
+compilation and one subprocess with 8 fake devices.
 """
 from __future__ import annotations
 
