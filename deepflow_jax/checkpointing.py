@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from deepflow_jax.errors import first_line
 
@@ -37,6 +39,7 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
+    self._closed = False
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -69,8 +72,6 @@ class Checkpointer:
         self._set_aside(bad)
 
   def _set_aside(self, steps: list[int]) -> None:
-    import jax  # pylint: disable=g-import-not-at-top
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("deepflow_jax:unreadable_checkpoints")
     if jax.process_index() == 0:
@@ -109,72 +110,9 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending saves and releases the manager; safe to call twice."""
+    if self._closed:
+      return
+    self._closed = True
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-# ---------------------------------------------------------------------------
-# Sampling from a training workdir.
-# ---------------------------------------------------------------------------
-
-
-def is_workdir(path: str) -> bool:
-  """A training workdir: ``config.json`` plus ``checkpoints/``."""
-  return (os.path.isfile(os.path.join(path, "config.json"))
-          and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)))
-
-
-def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = None):
-  """``(model, ema_params)`` from a training workdir's newest (or given) checkpoint.
-
-  Only the EMA parameters are read (a partial restore), not the optimiser state.
-  """
-  import json  # pylint: disable=g-import-not-at-top
-  import flax  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from deepflow_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from deepflow_jax.convert import param_shapes  # pylint: disable=g-import-not-at-top
-  from deepflow_jax.models.deepflow import DTYPES  # pylint: disable=g-import-not-at-top
-  from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  from deepflow_jax import sharding as shd  # pylint: disable=g-import-not-at-top
-
-  path = os.path.abspath(path)  # Orbax refuses relative paths
-  cfg_path = os.path.join(path, "config.json")
-  try:
-    with open(cfg_path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise UserError(f"{cfg_path}: unreadable training config ({e})") from e
-  config.model.dtype = dtype
-  model = config_lib.build_model(config)
-  ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
-  steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
-  if step is not None and step not in steps:
-    raise UserError(f"{ckpt_dir}: no checkpoint for step {step} (have {steps})")
-  candidates = [step] if step is not None else list(reversed(steps))
-  if not candidates:
-    raise UserError(f"{ckpt_dir}: no checkpoints yet")
-  # Replicated over every device, whatever layout the training run saved.
-  replicated = shd.replicated(shd.data_mesh())
-  param_dtype = DTYPES[config.model.param_dtype]
-  target = flax.traverse_util.unflatten_dict(
-      {k: jax.ShapeDtypeStruct(v, param_dtype, sharding=replicated)
-       for k, v in param_shapes(model).items()})
-  errors = []
-  for s in candidates:
-    state_dir = os.path.join(ckpt_dir, str(s), "state")
-    try:
-      with ocp.PyTreeCheckpointer() as c:
-        restored = c.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item={"ema_params": target},
-            restore_args=ocp.checkpoint_utils.construct_restore_args({"ema_params": target}),
-            partial_restore=True))
-      return model, restored["ema_params"]
-    except Exception as e:  # pylint: disable=broad-except
-      first = first_line(e)
-      errors.append(f"{state_dir}: {type(e).__name__}: {first}")
-      print(f"WARNING: checkpoint {state_dir} is unreadable ({type(e).__name__}: {first}); "
-            "trying the previous one", flush=True)
-  raise UserError(f"{ckpt_dir}: no readable checkpoint ({'; '.join(errors)})")

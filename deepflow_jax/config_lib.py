@@ -1,4 +1,4 @@
-"""Training configuration: defaults shared by every preset, validation, and model building.
+"""Training configuration: defaults shared by every preset, loading and validation.
 
 Presets live in ``configs/`` (one per file) and start from ``base_config()``.
 Every value can be overridden on the command line, ``--config.train.num_steps=100``.
@@ -7,14 +7,10 @@ names them.
 """
 from __future__ import annotations
 
-from typing import Any
-
-import jax.numpy as jnp
 import ml_collections
 
 from deepflow_jax.errors import UserError
 from deepflow_jax.models.deepflow import DTYPES
-from deepflow_jax.models.deepflow import DeepFlow
 from deepflow_jax.models.deepflow import architecture_problems
 from deepflow_jax.models.presets import PRESETS
 
@@ -165,31 +161,6 @@ def _known(node, ref, path=""):
       raise UserError(f"unknown config key {full!r}")
     if isinstance(node[k], ml_collections.ConfigDict):
       _known(node[k], ref[k], full + ".")
-
-
-def compute_dtype(config, platform: str):
-  name = config.model.dtype
-  if name == "auto":
-    return jnp.float32 if platform == "cpu" else jnp.bfloat16
-  return _DTYPES[name]
-
-
-def model_kwargs(config) -> dict[str, Any]:
-  """DeepFlow constructor fields from ``config.model`` (preset applied, explicit wins)."""
-  m = config.model
-  kw = dict(input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels,
-            hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
-            mlp_ratio=m.mlp_ratio, num_classes=m.num_classes,
-            class_dropout_prob=m.class_dropout_prob, df_idxs=tuple(int(i) for i in m.df_idxs),
-            projector_dim=m.projector_dim, ssl_align=m.ssl_align, z_dim=m.z_dim,
-            legacy_scaling=m.legacy_scaling, qk_norm=m.qk_norm)
-  return kw
-
-
-def build_model(config, platform: str = "cpu") -> DeepFlow:
-  return DeepFlow(**model_kwargs(config), attention_impl=config.model.attention_impl or None,
-                  dtype=compute_dtype(config, platform),
-                  param_dtype=_DTYPES[config.model.param_dtype])
 
 
 def set_preset(config, name: str) -> ml_collections.ConfigDict:

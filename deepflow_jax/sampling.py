@@ -15,7 +15,7 @@ acceleration head and the REPA projectors are never computed while sampling.
 
 Samplers (``sampler=``):
 
-* ``"sde"``: Euler-Maruyama, exactly the reference's sampler (spec section 5).
+* ``"sde"``: Euler-Maruyama, exactly the reference's sampler (``docs/architecture.md``).
   Time grid ``linspace(1, 0.04, num_steps)`` followed by 0. From the velocity
   ``v`` at ``(x, t)``: score ``s = -((1 - t) v + x) / t``, diffusion ``g = 2t``,
   drift ``d = v - (g / 2) s = v - t s``. The first ``num_steps - 1`` steps do
@@ -60,20 +60,21 @@ themselves (e.g. with explicit shardings, see ``deepflow_jax.generate``).
 """
 from __future__ import annotations
 
-import collections
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from deepflow_jax import sharding as shd
+from deepflow_jax.progress import Progress
 
 SAMPLERS = ("sde", "euler", "heun")
 SDE_T_END = 0.04  # last grid time before 0 of the reference's Euler-Maruyama sampler
-
-# Number of times each sampler body was traced, by (sampler, num_steps). Tests
-# use it to show that new scales / labels / latents do not retrace.
-TRACE_COUNTS: collections.Counter = collections.Counter()
+LABEL_MODES = ("random", "cycle")
 
 
 def time_grid(sampler: str, num_steps: int) -> np.ndarray:
@@ -93,6 +94,27 @@ def _check_sampler(sampler: str, num_steps: int) -> None:
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+
+
+def step_problems(sampler: str, num_steps, flag: str = "num_steps") -> list[str]:
+  """What is wrong with ``num_steps`` for ``sampler`` (empty when valid), named by ``flag``."""
+  if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+    return [f"{flag} must be a positive integer for the {sampler} sampler, got {num_steps!r}"]
+  return []
+
+
+def guidance_problems(cfg_scale, guidance_low, guidance_high, prefix: str = "") -> list[str]:
+  """What is wrong with a guidance setting (empty when valid), named with ``prefix``."""
+  out = []
+  if not np.isfinite([cfg_scale, guidance_low, guidance_high]).all():
+    out.append(f"{prefix}cfg_scale, {prefix}guidance_low and {prefix}guidance_high must be finite")
+  elif guidance_low > guidance_high:
+    out.append(f"{prefix}guidance_low={guidance_low} is above {prefix}guidance_high="
+               f"{guidance_high}: guidance would never apply (the interval is "
+               f"[{prefix}guidance_low, {prefix}guidance_high] in t, 1 = noise, 0 = data)")
+  elif cfg_scale < 0:
+    out.append(f"{prefix}cfg_scale={cfg_scale} must be >= 0 (<= 1 means no guidance)")
+  return out
 
 
 def num_noise_draws(sampler: str, num_steps: int) -> int:
@@ -144,7 +166,6 @@ def make_sampler(model, sampler: str = "sde", num_steps: int = 250, *,
   null = int(model.num_classes)
 
   def f(params, latents, labels, noise, cfg_scale, guidance_low, guidance_high):
-    TRACE_COUNTS[(sampler, num_steps)] += 1
     x0 = jnp.asarray(latents, jnp.float32)
     y = jnp.asarray(labels, jnp.int32)
     w = jnp.asarray(cfg_scale, jnp.float32)
@@ -188,7 +209,8 @@ def make_sampler(model, sampler: str = "sde", num_steps: int = 250, *,
         d = field(x, t, t, sde_drift)
         return x + d * dts[i] + sqrt_g[i] * (eps_at(i) * sqrt_dt[i])
 
-      x = jax.lax.fori_loop(0, num_steps - 1, step, x0)
+      # With num_steps == 1 there is only the deterministic last step (no noise).
+      x = jax.lax.fori_loop(0, num_steps - 1, step, x0) if num_steps > 1 else x0
       last = num_steps - 1
       return x + dts[last] * field(x, ts[last], ts[last], sde_drift)
 
@@ -280,3 +302,115 @@ def sample(model, params, latents, labels, *, sampler: str = "sde", num_steps: i
   fn = jitted_sampler(model, sampler, int(num_steps), noise_input)
   scalars = [jnp.asarray(v, jnp.float32) for v in (cfg_scale, guidance_low, guidance_high)]
   return fn(params, latents, labels, noise, *scalars)
+
+
+# ---------------------------------------------------------------------------
+# Per-sample inputs and batched, data-parallel sampling.
+# ---------------------------------------------------------------------------
+
+
+def sample_inputs(model, seed: int, indices: jax.Array, labels_mode: str = "cycle"):
+  """(latents (B,H,W,C), labels (B,), per-step noise keys (B,)) from (seed, index) alone.
+
+  Sample ``i`` uses ``k = fold_in(key(seed), i)`` split into three keys: its
+  starting noise ``normal(k0, (H, W, C))``, its per-step SDE noise keys ``k1``
+  and, with ``labels_mode="random"``, its label ``randint(k2, 0, num_classes)``
+  (``"cycle"``: ``i mod num_classes``). Nothing depends on the batch a sample
+  lands in.
+  """
+  if labels_mode not in LABEL_MODES:
+    raise ValueError(f"labels_mode must be one of {LABEL_MODES}, got {labels_mode!r}")
+  shape = (model.input_size, model.input_size, model.in_channels)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(indices)
+  parts = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
+  latents = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(parts[:, 0])
+  if labels_mode == "random":
+    labels = jax.vmap(lambda k: jax.random.randint(k, (), 0, model.num_classes, jnp.int32))(
+        parts[:, 2])
+  else:  # cycle
+    labels = (indices % model.num_classes).astype(jnp.int32)
+  return latents, labels, parts[:, 1]
+
+
+def make_batch_sampler(model, mesh: Mesh, *, sampler: str = "sde", num_steps: int = 250,
+                       seed: int = 0, labels_mode: str = "cycle"):
+  """A jitted, data-parallel ``f(params, indices, labels, cfg_scale, low, high) -> (x, y)``.
+
+  ``indices`` (B,) int32 are global sample indices (their noise comes from
+  ``(seed, index)``, see ``sample_inputs``); ``labels`` (B,) int32 are used when
+  ``labels_mode="given"``, otherwise ignored and derived from the index. ``B``
+  must be a multiple of ``mesh.size``; the batch is sharded over the mesh's
+  first axis and the parameters replicated. Returns the final states ``x``
+  (B, H, W, C) float32 and the labels ``y``, both sharded like the batch.
+  """
+  if labels_mode not in LABEL_MODES + ("given",):
+    raise ValueError(f"labels_mode must be one of {LABEL_MODES + ('given',)}, got {labels_mode!r}")
+  sample_fn = make_sampler(model, sampler, num_steps)
+  uses_noise = num_noise_draws(sampler, num_steps) > 0
+  data = NamedSharding(mesh, P(mesh.axis_names))
+  repl = shd.replicated(mesh)
+
+  def generate(params, indices, labels, cfg_scale, low, high):
+    mode = "cycle" if labels_mode == "given" else labels_mode
+    z, y, keys = sample_inputs(model, seed, indices, mode)
+    if labels_mode == "given":
+      y = labels.astype(jnp.int32)
+    x = sample_fn(params, z, y, keys if uses_noise else None, cfg_scale, low, high)
+    return x, y
+
+  return jax.jit(generate, in_shardings=(repl, data, data, repl, repl, repl),
+                 out_shardings=(data, data))
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-host) sharded array -> the whole array as numpy on every process."""
+  if not x.is_fully_addressable:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
+def sample_many(model, params, labels: Sequence[int], *, seed: int = 0,
+                per_device_batch: int = 16, mesh: Optional[Mesh] = None, sampler: str = "sde",
+                num_steps: int = 250, cfg_scale: float = 1.0, guidance_low: float = 0.0,
+                guidance_high: float = 1.0, start_index: int = 0,
+                progress: Optional[str] = None) -> np.ndarray:
+  """Samples for ``labels`` in data-parallel batches; numpy (N, H, W, C) float32 on every process.
+
+  Sample ``k`` gets index ``start_index + k``: its starting noise and SDE
+  noise come from ``(seed, start_index + k)`` exactly as in
+  ``python -m deepflow_jax.generate``, so the result does not depend on the
+  batch size or device count. ``mesh`` defaults to a 1-D mesh over every
+  device; the batch is ``per_device_batch x mesh.size`` (the last one padded).
+  ``progress`` names a progress line (rate, ETA) printed by process 0.
+  """
+  mesh = mesh if mesh is not None else shd.data_mesh()
+  labels = np.asarray(labels, np.int32).reshape(-1)
+  n = len(labels)
+  batch = int(per_device_batch) * mesh.size
+  fn = make_batch_sampler(model, mesh, sampler=sampler, num_steps=num_steps, seed=seed,
+                          labels_mode="given")
+  params = jax.device_put(params, shd.replicated(mesh))
+  scalars = [jnp.asarray(v, jnp.float32) for v in (cfg_scale, guidance_low, guidance_high)]
+  data = NamedSharding(mesh, P(mesh.axis_names))
+  bar = None
+  if progress:
+    bar = Progress(n, progress, "samples", every_s=30.0,
+                   log=None if jax.process_index() else print)
+  out = []
+  for start in range(0, n, batch):
+    count = min(batch, n - start)
+    idx = np.arange(start_index + start, start_index + start + batch, dtype=np.int32)
+    lab = np.zeros(batch, np.int32)
+    lab[:count] = labels[start:start + count]  # the tail past `count` is padding
+    idx_arr = jax.make_array_from_callback((batch,), data, lambda s, a=idx: a[s])
+    lab_arr = jax.make_array_from_callback((batch,), data, lambda s, a=lab: a[s])
+    x, _ = fn(params, idx_arr, lab_arr, *scalars)
+    out.append(gather(x)[:count])
+    if bar is not None:
+      bar.update(count)
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def class_grid_labels(classes: Sequence[int], per_class: int) -> np.ndarray:
+  """Labels of a class grid: each class repeated ``per_class`` times (one row per class)."""
+  return np.repeat(np.asarray(classes, np.int32), int(per_class))

@@ -16,7 +16,7 @@ Public arrays are NHWC:
   latents -> images ``(N, H, W, 3)``. Diffusion latents are divided by
   ``SCALING_FACTOR`` (0.18215) by the caller first; ``encode``/``decode`` never
   apply the scaling factor (neither does diffusers).
-* ``images_to_uint8(images)``: the reference's decode formula to uint8.
+* ``deepflow_jax.images.to_uint8(images)``: the reference's decode formula to uint8.
 
 Parameter names (diffusers key -> Flax path) are a mechanical rename:
 
@@ -486,21 +486,6 @@ class AutoencoderKL(nn.Module):
         rng = self.make_rng("sample")
       z = posterior.sample(jax.random.normal(rng, z.shape, z.dtype))
     return self.decode(z.astype(self.dtype))
-
-
-def images_to_uint8(images):
-  """Decoded images in [-1, 1] (N,H,W,C) -> uint8, the reference's formula.
-
-  ``clip((images + 1) / 2 * 255, 0, 255)`` then a cast to uint8, which truncates
-  toward zero (as ``torch.Tensor.to(torch.uint8)`` in REPA/DeepFlow's sampler:
-  ``(s + 1) / 2``; ``clamp(255 * s, 0, 255)``; ``.to(uint8)``). It does NOT round:
-  0.999 * 255 -> 254. NaNs become 0. Takes the output of ``decode`` (or pixel samples);
-  numpy in -> numpy out, otherwise a jax array.
-  """
-  xp = np if isinstance(images, np.ndarray) else jnp
-  x = xp.clip((images + 1) / 2 * 255, 0, 255)
-  x = xp.where(xp.isnan(x), 0, x)
-  return x.astype(xp.uint8)
 
 
 # ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 from deepflow_jax import config_lib
 from deepflow_jax import sharding as shd
 from deepflow_jax import train as train_lib
+from deepflow_jax.models import loading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +50,7 @@ def main():
   c.data.path = c.data.path or "/unused"
   config_lib.validate(c)
   platform = jax.default_backend()
-  model = config_lib.build_model(c, platform)
+  model = loading.model_from_config(c, platform)
   mesh = shd.make_mesh(c)
   latent = c.data.name != "digits"
   trainer = train_lib.Trainer(c, model, mesh, latent=latent)

@@ -22,6 +22,10 @@ import time
 
 import numpy as np
 
+from deepflow_jax import train_loop
+from deepflow_jax.evaluation import digits as digits_eval
+from deepflow_jax.models import loading
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,21 +41,14 @@ def train(workdir: str, variant: str, seed: int, steps: int, ckpt_every: int, ex
 
 
 def evaluate(workdir: str, step: int, sample_overrides: dict) -> dict:
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from deepflow_jax.checkpointing import load_workdir_ema  # pylint: disable=g-import-not-at-top
-  from deepflow_jax.data import digits as digits_lib  # pylint: disable=g-import-not-at-top
-  from deepflow_jax.evaluation import digits as digits_eval  # pylint: disable=g-import-not-at-top
-  from deepflow_jax.main import generate_samples  # pylint: disable=g-import-not-at-top
-  model, params = load_workdir_ema(workdir, step=step)
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  model, params = loading.load_workdir_ema(workdir, step=step)
+  config = loading.read_workdir_config(workdir)
   config.sample.update(sample_overrides)
-  labels = np.arange(int(config.eval.num_samples) or 1000) % model.num_classes
-  x = generate_samples(model, params, config, labels, 12345, 500)
-  (_, _), (heldout, _) = digits_lib.load_digits_split(model.input_size)
-  return digits_eval.evaluate_generated(np.clip(x, -1, 1), labels, heldout, seed=0,
-                                        cache_path=os.path.join(ROOT, ".cache",
-                                                                "digits_classifier.msgpack"))
+  metrics, _, _ = digits_eval.sample_and_evaluate(
+      model, params, num_samples=int(config.eval.num_samples) or 1000, seed=12345,
+      per_device_batch=500, cache_path=os.path.join(ROOT, ".cache", "digits_classifier.msgpack"),
+      **train_loop.sample_kwargs(config))
+  return metrics
 
 
 def main():

@@ -13,6 +13,7 @@ import numpy as np
 
 from deepflow_jax import config_lib
 from deepflow_jax import sharding as shd
+from deepflow_jax.models.loading import model_from_config
 from deepflow_jax.train import Trainer
 
 
@@ -34,7 +35,7 @@ def tiny_config(data, fsdp, accum=1):
 
 def run(devices, data, fsdp, accum=1, steps=3):
   c = tiny_config(data, fsdp, accum)
-  model = config_lib.build_model(c)
+  model = model_from_config(c)
   tr = Trainer(c, model, shd.make_mesh(c, devices), latent=False)
   state = tr.init_state(0)
   rng = np.random.default_rng(0)

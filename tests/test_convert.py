@@ -11,6 +11,7 @@ import torch
 
 from conftest import TINY2T_PT, nhwc
 from deepflow_jax import convert
+from deepflow_jax.models import loading
 from deepflow_jax.torch_io import ConversionError
 from torch_reference import DeepFlowTorch, randomize_
 
@@ -108,7 +109,7 @@ def test_bare_state_dict_and_safetensors_need_named_options(tmp_path):
   model, params = convert.load_torch_checkpoint(path, num_heads=4, df_idxs=[2],
                                                 legacy_scaling=False)
   ref_model, ref_params = convert.load_torch_checkpoint(TINY2T_PT)
-  assert convert.model_to_dict(model) == convert.model_to_dict(ref_model)
+  assert loading.model_to_dict(model) == loading.model_to_dict(ref_model)
   jax.tree.map(np.testing.assert_array_equal, params, ref_params)
   # A bare .pt state_dict works the same way.
   pt = str(tmp_path / "bare.pt")
@@ -213,7 +214,7 @@ def test_cli_convert_load_export_and_refusals(tmp_path, tiny2t):
   assert "converted" in r.stdout
   model, params = convert.load_converted(str(out))
   ref_model, ref_params = tiny2t
-  assert convert.model_to_dict(model) == convert.model_to_dict(ref_model)
+  assert loading.model_to_dict(model) == loading.model_to_dict(ref_model)
   jax.tree.map(np.testing.assert_array_equal, params, ref_params)
   # A non-empty output directory is refused: one line, no traceback, non-zero exit,
   # and the existing conversion is untouched.

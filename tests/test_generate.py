@@ -20,7 +20,10 @@ import numpy as np
 import pytest
 
 from deepflow_jax import generate
-from deepflow_jax.convert import save_converted
+from deepflow_jax import images as images_lib
+from deepflow_jax import sampling
+from deepflow_jax.models import loading
+from deepflow_jax.models.loading import save_converted
 from deepflow_jax.models import DeepFlow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,9 +102,8 @@ def test_output_layout_and_progress(base_run, tiny2t):
   # Each sample is the library sampler run on its own (seed, index) inputs.
   model, params = tiny2t
   idx = jnp.arange(10, dtype=jnp.int32)
-  z, y, keys = generate.sample_inputs(model, 7, idx, "random")
+  z, y, keys = sampling.sample_inputs(model, 7, idx, "random")
   np.testing.assert_array_equal(s["labels"], y)
-  from deepflow_jax import sampling
   ref = sampling.sample(model, params, z, y, num_steps=4, cfg_scale=3.0, guidance_high=0.7,
                         rng=keys)
   np.testing.assert_allclose(s["latents"], ref, atol=1e-4, rtol=0)
@@ -156,7 +158,7 @@ def test_refuses_different_settings(base_run, ckpt, capsys):
                       "--guidance_high=0.7", "--seed=7"])
   err = capsys.readouterr().err.strip()
   assert rc == 2 and len(err.splitlines()) == 1
-  assert "different settings" in err and "cfg_scale: 3.0 there, 4.0 now" in err
+  assert "other settings" in err and "cfg_scale: 3.0 there, 4.0 now" in err
   assert open(os.path.join(out, "manifest.json")).read() == manifest
   assert before == {n: os.path.getmtime(os.path.join(out, "latents", n))
                     for n in os.listdir(os.path.join(out, "latents"))}
@@ -174,13 +176,13 @@ def test_missing_or_wrong_checkpoint_is_one_line(tmp_path, capsys):
 def test_model_loader_hook(tmp_path, tiny2t):
   marker = tmp_path / "workdir"
   marker.mkdir()
-  generate.register_model_loader("test-workdir", lambda p: os.path.basename(p) == "workdir",
+  loading.register_model_loader("test-workdir", lambda p: os.path.basename(p) == "workdir",
                                  lambda p, dtype: tiny2t)
   try:
-    model, _ = generate.load_model_for_sampling(str(marker))
+    model, _ = loading.load_model(str(marker))
     assert model is tiny2t[0]
   finally:
-    generate.MODEL_LOADERS[:] = [l for l in generate.MODEL_LOADERS if l.name != "test-workdir"]
+    loading.MODEL_LOADERS[:] = [l for l in loading.MODEL_LOADERS if l.name != "test-workdir"]
 
 
 def test_pixel_space_model_writes_pngs_and_adm_npz(tmp_path):
@@ -233,7 +235,7 @@ def test_vae_decodes_latents_to_pngs_and_adm_npz(ckpt, tmp_path):
   vae, vparams = vae_lib.load_diffusers_vae(vae_dir)
   decoded = vae.apply({"params": vparams}, jnp.asarray(s["latents"]) / 0.18215,
                       method=vae.decode)
-  expect = np.asarray(vae_lib.images_to_uint8(np.asarray(decoded)))
+  expect = np.asarray(images_lib.to_uint8(np.asarray(decoded)))
   # Same formula; jit vs eager float32 may flip a truncation by one level.
   assert np.abs(s["arr_0"].astype(int) - expect).max() <= 1
   assert (s["arr_0"] == expect).mean() > 0.99

@@ -108,7 +108,6 @@ def test_no_recompilation_for_new_scale_interval_labels_latents(tiny2t):
   rng = np.random.default_rng(0)
   steps = 3  # a (sampler, num_steps) no other test uses
   fn = sampling.jitted_sampler(model, "sde", steps, False)
-  before = sampling.TRACE_COUNTS[("sde", steps)]
 
   def run(cfg, low, high, seed):
     z = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
@@ -118,13 +117,12 @@ def test_no_recompilation_for_new_scale_interval_labels_latents(tiny2t):
                                       rng=jax.random.key(seed)))
 
   outs = [run(1.0, 0.0, 1.0, 0), run(4.0, 0.0, 0.7, 1), run(2.5, 0.3, 1.0, 2), run(7, 0, 1, 3)]
-  assert sampling.TRACE_COUNTS[("sde", steps)] - before == 1
-  assert fn._cache_size() == 1  # pylint: disable=protected-access
+  assert fn._cache_size() == 1  # one compilation for all four  # pylint: disable=protected-access
   assert all(np.isfinite(o).all() for o in outs)
   # Integer scale / a raw uint32 key also reuse the compiled loop.
   sampling.sample(model, params, np.zeros((2, 8, 8, 4)), [1, 2], num_steps=steps, cfg_scale=3,
                   rng=jax.random.PRNGKey(5))
-  assert sampling.TRACE_COUNTS[("sde", steps)] - before == 1
+  assert fn._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_per_sample_noise_does_not_depend_on_the_batch(tiny2t):

@@ -233,16 +233,17 @@ def test_finetune_from_converted_reference_checkpoint(tmp_path):
   """A converted reference checkpoint initialises training on the project's latent format."""
   from conftest import TINY2T_PT  # pylint: disable=g-import-not-at-top
   from deepflow_jax import convert  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.models import loading  # pylint: disable=g-import-not-at-top
   from deepflow_jax.data import records  # pylint: disable=g-import-not-at-top
   model, params = convert.load_torch_checkpoint(TINY2T_PT)
   ckpt = tmp_path / "converted"
-  convert.save_converted(str(ckpt), model, params)
+  loading.save_converted(str(ckpt), model, params)
   rng = np.random.default_rng(0)
   examples = [(rng.standard_normal((8, 8, 4)).astype(np.float32),
                rng.uniform(0.1, 0.5, (8, 8, 4)).astype(np.float32), int(i % 10)) for i in range(32)]
   data = tmp_path / "latents"
   records.write_latent_dataset(str(data), examples, num_examples=32, num_classes=10)
-  arch = [f"--config.model.{k}={v}" for k, v in convert.model_to_dict(model).items()
+  arch = [f"--config.model.{k}={v}" for k, v in loading.model_to_dict(model).items()
           if k not in ("df_idxs", "z_dim")] + ["--config.model.df_idxs=(2,)"]
   wd = tmp_path / "ft"
   r = run_main(wd, *arch, "--config.data.name=arrayrecord", f"--config.data.path={data}",

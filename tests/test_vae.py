@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from deepflow_jax import convert_vae
+from deepflow_jax import images as images_lib
 from deepflow_jax import vae as V
 from deepflow_jax.torch_io import ConversionError
 
@@ -187,10 +188,10 @@ def test_images_to_uint8_truncates():
   x = np.array([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0, np.nan, 2 * 77.9 / 255 - 1],
                np.float32)
   want = np.array([0, 0, 127, 254, 255, 255, 0, 77], np.uint8)
-  got_np = V.images_to_uint8(x)
+  got_np = images_lib.to_uint8(x)
   assert isinstance(got_np, np.ndarray) and got_np.dtype == np.uint8
   np.testing.assert_array_equal(got_np, want)
-  got_jax = V.images_to_uint8(jnp.asarray(x))
+  got_jax = images_lib.to_uint8(jnp.asarray(x))
   assert got_jax.dtype == jnp.uint8
   np.testing.assert_array_equal(np.asarray(got_jax), want)
 
@@ -198,7 +199,7 @@ def test_images_to_uint8_truncates():
 def test_images_to_uint8_on_decoded(golden):
   img = _nhwc(golden["decode_z_div_scaling"])
   want = np.clip((img + 1) / 2 * 255, 0, 255).astype(np.uint8)
-  np.testing.assert_array_equal(np.asarray(V.images_to_uint8(jnp.asarray(img))), want)
+  np.testing.assert_array_equal(np.asarray(images_lib.to_uint8(jnp.asarray(img))), want)
 
 
 def test_constants(keys_json, tiny):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -33,6 +34,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from deepflow_jax import sampling
 from deepflow_jax.data import digits as digits_lib
 from deepflow_jax.errors import UserError
 
@@ -316,3 +318,36 @@ def evaluate_generated(images, labels, heldout_images, *, model: DigitsClassifie
     out["classifier_heldout_accuracy"] = float(
         np.mean(heldout_logits.argmax(-1) == np.asarray(heldout_labels).reshape(-1)))
   return out
+
+
+def sample_and_evaluate(model, params, *, num_samples: int = 1000, seed: int = 0,
+                        per_device_batch: int = 250, cache_path: str | os.PathLike | None = None,
+                        mesh=None, **sample_kwargs) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+  """Generates ``num_samples`` digits (labels cycling over the classes) and scores them.
+
+  Samples come from ``deepflow_jax.sampling.sample_many`` (data-parallel;
+  ``sample_kwargs`` are its sampler settings: ``sampler``, ``num_steps``,
+  ``cfg_scale``, ...). Returns ``(metrics, images, labels)`` with the metrics of
+  :func:`evaluate_generated` plus ``sampling_seconds``, and the generated images
+  (N, S, S, 1) clipped to [-1, 1].
+  """
+  labels = np.arange(int(num_samples)) % model.num_classes
+  t0 = time.perf_counter()
+  x = sampling.sample_many(model, params, labels, seed=seed, per_device_batch=per_device_batch,
+                           mesh=mesh, progress="eval: sampling", **sample_kwargs)
+  seconds = time.perf_counter() - t0
+  (_, _), (heldout_x, heldout_y) = digits_lib.load_digits_split(model.input_size)
+  images = np.clip(x, -1, 1)
+  metrics = evaluate_generated(images, labels, heldout_x, heldout_labels=heldout_y, seed=0,
+                               cache_path=cache_path)
+  metrics["sampling_seconds"] = round(seconds, 2)
+  return metrics, images, labels
+
+
+def class_rows(images: np.ndarray, labels: np.ndarray, num_classes: int,
+               per_class: int = 10) -> np.ndarray | None:
+  """The first ``per_class`` images of every class, class-major (a grid with a row per class)."""
+  idx = [np.flatnonzero(labels == c)[:per_class] for c in range(num_classes)]
+  if any(len(i) < per_class for i in idx):
+    return None
+  return images[np.concatenate(idx)]

@@ -1,0 +1,293 @@
+"""Building DeepFlow models and loading their weights: one place for every way in.
+
+* ``model_from_config(config, platform)``: the network a training config describes;
+* ``model_to_dict`` / ``model_from_dict``: the architecture as JSON data
+  (``model.json`` of converted checkpoints, generation manifests);
+* ``init_params(model, seed)``: freshly initialised parameters (as the reference);
+* ``save_converted`` / ``load_converted``: the converted-checkpoint directory
+  (``DIR/model.json`` + ``DIR/params``, an Orbax checkpoint of the parameter tree);
+* ``load_workdir_ema(workdir)``: the EMA weights of a training workdir's newest
+  readable checkpoint (a partial restore: the optimiser state is not read);
+* ``load_model(path, dtype)``: whichever of those ``path`` is (or a registered
+  loader: ``register_model_loader``); what sampling, generation and notebooks use.
+
+Reference PyTorch checkpoints are read by ``deepflow_jax.models.conversion``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from deepflow_jax import sharding as shd
+from deepflow_jax.checkpointing import CHECKPOINT_DIR
+from deepflow_jax.errors import UserError
+from deepflow_jax.errors import first_line
+from deepflow_jax.models.deepflow import DTYPES
+from deepflow_jax.models.deepflow import DeepFlow
+from deepflow_jax.models.deepflow import validate_architecture
+from deepflow_jax.torch_io import ConversionError
+
+ARCH_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
+               "mlp_ratio", "num_classes", "class_dropout_prob", "df_idxs", "projector_dim",
+               "ssl_align", "z_dim", "legacy_scaling", "qk_norm")
+MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+CONVERTED_FORMAT = "deepflow-jax/converted/v1"
+CONFIG_JSON = "config.json"  # of a training workdir
+
+
+def _dtype(d):
+  return DTYPES[d] if isinstance(d, str) else d
+
+
+# ---------------------------------------------------------------------------
+# Architecture <-> config / JSON.
+# ---------------------------------------------------------------------------
+
+
+def compute_dtype(config, platform: str):
+  """``config.model.dtype`` resolved: ``"auto"`` is float32 on CPU, bfloat16 on accelerators."""
+  name = config.model.dtype
+  if name == "auto":
+    return jnp.float32 if platform == "cpu" else jnp.bfloat16
+  return DTYPES[name]
+
+
+def model_from_config(config, platform: str = "cpu") -> DeepFlow:
+  """The ``DeepFlow`` that ``config.model`` describes, with its compute and parameter dtypes."""
+  m = config.model
+  kw = {f: m[f] for f in ARCH_FIELDS}
+  kw["df_idxs"] = tuple(int(i) for i in m.df_idxs)
+  return DeepFlow(**kw, attention_impl=m.attention_impl or None,
+                  dtype=compute_dtype(config, platform), param_dtype=DTYPES[m.param_dtype])
+
+
+def model_to_dict(model: DeepFlow) -> dict[str, Any]:
+  """The architecture fields of a DeepFlow as plain JSON-able values."""
+  d = {f: getattr(model, f) for f in ARCH_FIELDS}
+  d["df_idxs"] = [int(i) for i in d["df_idxs"]]
+  return d
+
+
+def model_from_dict(d: Mapping[str, Any], *, dtype=jnp.float32, param_dtype=jnp.float32,
+                    attention_impl: Optional[str] = None, source: str = "model config"
+                    ) -> DeepFlow:
+  """A DeepFlow from ``model_to_dict`` data; unknown or inconsistent fields are refused."""
+  unknown = sorted(set(d) - set(ARCH_FIELDS))
+  if unknown:
+    raise ConversionError(f"{source}: unknown model fields {unknown}")
+  kw = dict(d)
+  kw["df_idxs"] = tuple(int(i) for i in kw.get("df_idxs", ()))
+  model = DeepFlow(**kw, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype),
+                   attention_impl=attention_impl)
+  try:
+    validate_architecture(model)
+  except ValueError as e:
+    raise ConversionError(f"{source}: {e}") from e
+  return model
+
+
+def _dummy_inputs(model: DeepFlow, abstract: bool = False):
+  n, h, c = 1, model.input_size, model.in_channels
+  make = jax.ShapeDtypeStruct if abstract else (lambda s, d: jnp.zeros(s, d))
+  x = make((n, h, h, c), jnp.float32)
+  t = [make((n,), jnp.float32)] * model.num_branches
+  y = make((n,), jnp.int32)
+  return x, t, y
+
+
+def param_shapes(model: DeepFlow) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Flat {flax path: shape} of a model's parameters, without materialising them."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(model, abstract=True))
+  shapes = flax.linen.unbox(shapes["params"])
+  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(shapes).items()}
+
+
+def abstract_params(model: DeepFlow, sharding=None):
+  """The parameter tree as ``jax.ShapeDtypeStruct`` (in ``model.param_dtype``)."""
+  return flax.traverse_util.unflatten_dict(
+      {k: jax.ShapeDtypeStruct(v, model.param_dtype, sharding=sharding)
+       for k, v in param_shapes(model).items()})
+
+
+def init_params(model: DeepFlow, seed: int = 0):
+  """Freshly initialised parameters (the reference's initialisation), unboxed."""
+  params = jax.jit(model.init)(jax.random.key(seed), *_dummy_inputs(model))["params"]
+  return flax.linen.unbox(params)
+
+
+# ---------------------------------------------------------------------------
+# Converted-checkpoint directories.
+# ---------------------------------------------------------------------------
+
+
+def is_converted_dir(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, MODEL_JSON)) and os.path.isdir(
+      os.path.join(directory, PARAMS_DIR))
+
+
+def save_converted(directory: str, model: DeepFlow, params, *, extra: Optional[dict] = None,
+                   force: bool = False) -> None:
+  """Writes ``directory/params`` (Orbax) and ``directory/model.json``."""
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory) and os.listdir(directory) and not force:
+    raise ConversionError(f"{directory}: output directory is not empty; pass --force to "
+                          "overwrite the converted checkpoint in it")
+  os.makedirs(directory, exist_ok=True)
+  meta = {"format": CONVERTED_FORMAT, "model": model_to_dict(model)}
+  meta.update(extra or {})
+  params = jax.tree.map(np.asarray, flax.linen.unbox(params))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=force)
+    ckptr.wait_until_finished()
+  tmp = os.path.join(directory, MODEL_JSON + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(directory, MODEL_JSON))
+
+
+def load_converted(directory: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   attention_impl: Optional[str] = None) -> tuple[DeepFlow, Any]:
+  """Loads what ``save_converted`` wrote; returns ``(model, params)``."""
+  directory = os.path.abspath(directory)
+  meta_path = os.path.join(directory, MODEL_JSON)
+  if not is_converted_dir(directory):
+    raise ConversionError(f"{directory}: not a converted checkpoint (expected {MODEL_JSON} and "
+                          f"{PARAMS_DIR}/ written by python -m deepflow_jax.convert)")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    arch = meta["model"]
+  except (OSError, ValueError, KeyError) as e:
+    raise ConversionError(f"{meta_path}: unreadable model description ({e})") from e
+  model = model_from_dict(arch, dtype=dtype, param_dtype=param_dtype,
+                          attention_impl=attention_impl, source=meta_path)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(os.path.join(directory, PARAMS_DIR), abstract_params(model))
+  except Exception as e:  # orbax raises many types for structure/shape mismatches
+    raise ConversionError(f"{directory}/{PARAMS_DIR}: parameters do not match {MODEL_JSON} "
+                          f"({first_line(e)})") from e
+  return model, params
+
+
+# ---------------------------------------------------------------------------
+# Training workdirs.
+# ---------------------------------------------------------------------------
+
+
+def is_workdir(path: str) -> bool:
+  """A training workdir: ``config.json`` plus ``checkpoints/``."""
+  return (os.path.isfile(os.path.join(path, CONFIG_JSON))
+          and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)))
+
+
+def read_workdir_config(path: str) -> ml_collections.ConfigDict:
+  """The resolved config a training run wrote to ``path/config.json``."""
+  cfg_path = os.path.join(path, CONFIG_JSON)
+  try:
+    with open(cfg_path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise UserError(f"{cfg_path}: unreadable training config ({e})") from e
+
+
+def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = None):
+  """``(model, ema_params)`` from a training workdir's newest (or given) checkpoint.
+
+  Only the EMA parameters are read (a partial restore), replicated over every
+  device whatever layout the training run saved; an unreadable checkpoint is
+  skipped with a warning for the previous one.
+  """
+  path = os.path.abspath(path)  # Orbax refuses relative paths
+  config = read_workdir_config(path)
+  config.model.dtype = dtype
+  model = model_from_config(config)
+  ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
+  steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  if step is not None and step not in steps:
+    raise UserError(f"{ckpt_dir}: no checkpoint for step {step} (have {steps})")
+  candidates = [step] if step is not None else list(reversed(steps))
+  if not candidates:
+    raise UserError(f"{ckpt_dir}: no checkpoints yet")
+  target = abstract_params(model, sharding=shd.replicated(shd.data_mesh()))
+  errors = []
+  for s in candidates:
+    state_dir = os.path.join(ckpt_dir, str(s), "state")
+    try:
+      with ocp.PyTreeCheckpointer() as c:
+        restored = c.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item={"ema_params": target},
+            restore_args=ocp.checkpoint_utils.construct_restore_args({"ema_params": target}),
+            partial_restore=True))
+      return model, restored["ema_params"]
+    except Exception as e:  # pylint: disable=broad-except
+      first = first_line(e)
+      errors.append(f"{state_dir}: {type(e).__name__}: {first}")
+      print(f"WARNING: checkpoint {state_dir} is unreadable ({type(e).__name__}: {first}); "
+            "trying the previous one", flush=True)
+  raise UserError(f"{ckpt_dir}: no readable checkpoint ({'; '.join(errors)})")
+
+
+# ---------------------------------------------------------------------------
+# Any path -> (model, params).
+# ---------------------------------------------------------------------------
+
+SAMPLING_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLoader:
+  """A way to turn a path into ``(model, params)`` for sampling.
+
+  ``can_load(path) -> bool`` must be cheap (look at files, load nothing);
+  ``load(path, dtype) -> (model, params)`` loads the weights to sample with (EMA
+  weights where there are two sets), ``dtype`` being the compute dtype name
+  (``"float32"`` or ``"bfloat16"``). Raise ``UserError`` for a bad file.
+  """
+  name: str
+  can_load: Callable[[str], bool]
+  load: Callable[[str, str], tuple[Any, Any]]
+
+
+MODEL_LOADERS: list[ModelLoader] = [
+    ModelLoader("converted", is_converted_dir,
+                lambda path, dtype: load_converted(path, dtype=DTYPES[dtype])),
+    ModelLoader("workdir", is_workdir, load_workdir_ema),  # EMA weights of the newest checkpoint
+]
+
+
+def register_model_loader(name: str, can_load: Callable[[str], bool],
+                          load: Callable[[str, str], tuple[Any, Any]]) -> None:
+  """Adds (or replaces, by name) a loader; loaders are tried in registration order."""
+  MODEL_LOADERS[:] = [l for l in MODEL_LOADERS if l.name != name]
+  MODEL_LOADERS.append(ModelLoader(name, can_load, load))
+
+
+def load_model(path: str, dtype: str = "float32") -> tuple[Any, Any]:
+  """``(model, params)`` from the first registered loader that accepts ``path``.
+
+  ``path`` is a converted checkpoint directory or a training workdir (its EMA
+  weights). Raises ``UserError`` (one line) when the path is missing or no
+  loader accepts it.
+  """
+  if dtype not in SAMPLING_DTYPES:
+    raise UserError(f"dtype must be one of {', '.join(SAMPLING_DTYPES)}, got {dtype!r}")
+  if not os.path.exists(path):
+    raise UserError(f"{path}: no such checkpoint (expected a converted checkpoint directory "
+                    "written by python -m deepflow_jax.convert, or a training workdir)")
+  for loader in MODEL_LOADERS:
+    if loader.can_load(path):
+      return loader.load(path, dtype)
+  raise UserError(f"{path}: not a converted checkpoint or training workdir (expected model.json "
+                  "and params/ from python -m deepflow_jax.convert, or config.json and "
+                  "checkpoints/ from python -m deepflow_jax.main)")
