@@ -1,4 +1,4 @@
-"""The DeepFlow training loss (spec section 4), with its random draws kept apart.
+"""The DeepFlow training loss (``docs/architecture.md``), with its random draws kept apart.
 
 ``draw_loss_randomness`` makes every random number the loss needs;
 ``deepflow_loss`` is pure arithmetic on those draws, so tests can feed the

@@ -1,4 +1,4 @@
-"""A small PyTorch model of the reference DeepFlow, written from docs/deepflow-spec.md.
+"""A small PyTorch model of the reference DeepFlow, written from docs/architecture.md.
 
 Used only by tests: it produces reference-layout checkpoints for architectures
 the golden files do not cover (qk-norm, legacy scaling, SSL projectors, three

@@ -1,7 +1,7 @@
 """The DeepFlow network (SiT backbone split into K deeply supervised branches).
 
 Pure Flax linen modules that return what they compute. Everything here follows
-``docs/deepflow-spec.md`` (the reference PyTorch code) exactly; the parameter
+``docs/architecture.md`` (the reference PyTorch code) exactly; the parameter
 tree is a mechanical rename of the reference ``state_dict``:
 
 * ``ModuleList`` entries become ``<name>_<i>`` (``blocks.3`` -> ``blocks_3``,
@@ -53,7 +53,7 @@ AFFINE_LN_EPS = 1e-5  # torch nn.LayerNorm default: cross-attention LN, qk-norm
 
 
 # ---------------------------------------------------------------------------
-# Initialisers (spec section 6) with logical axis annotations.
+# Initialisers (the reference's; docs/architecture.md) with logical axis annotations.
 # ---------------------------------------------------------------------------
 
 xavier_uniform = nn.initializers.xavier_uniform()
