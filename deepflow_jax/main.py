@@ -20,7 +20,6 @@ from absl import logging
 from ml_collections import config_flags
 
 from deepflow_jax.errors import UserError
-from deepflow_jax.train_loop import EXIT_PREEMPTED  # pylint: disable=unused-import
 from deepflow_jax.train_loop import train as run
 
 FLAGS = flags.FLAGS

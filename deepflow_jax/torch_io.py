@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -51,16 +53,39 @@ def load_weights_file(path: str) -> Any:
     except Exception as e:  # safetensors raises several types for bad files
       raise ConversionError(f"{path}: not a readable safetensors file ({first_line(e)})") from e
   torch = _import_torch()
-  import pickle  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if head[:2] == b"PK" and not zipfile.is_zipfile(path):
+    raise ConversionError(f"{path}: corrupt PyTorch checkpoint (a truncated or damaged zip "
+                          "archive)")
+  if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+    raise ConversionError(f"{path}: corrupt or not a PyTorch checkpoint (neither a zip archive "
+                          "nor a pickle)")
   try:
     with torch.serialization.safe_globals([argparse.Namespace]):
       return torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    raise ConversionError(
-        f"{path}: refused to load: the file asks to run code or build objects that "
-        f"are not plain tensors ({first_line(e, 200)})") from e
-  except (RuntimeError, EOFError, OSError, ValueError) as e:
-    raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({first_line(e, 200)})") from e
+  except Exception as e:  # torch raises many types for bad files  # pylint: disable=broad-except
+    unsafe = _UNSAFE_GLOBAL_RE.search(str(e))
+    if unsafe:
+      raise ConversionError(
+          f"{path}: refused as unsafe: its pickle asks for {unsafe.group(1)}, which is not a "
+          "tensor or a plain container (loading it would run code it names); nothing in it "
+          "was run") from e
+    raise ConversionError(f"{path}: corrupt or not a PyTorch checkpoint "
+                          f"({type(e).__name__}: {_torch_reason(e)})") from e
+
+
+_UNSAFE_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _torch_reason(e: BaseException) -> str:
+  """The informative line of torch's load error (its messages start with boilerplate)."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  for l in lines:
+    if "weights_only" in l or "torch.load" in l or l.startswith(("Please file", "Check the")):
+      continue
+    return l[:200]
+  return type(e).__name__
 
 
 def to_numpy(value) -> np.ndarray:

@@ -479,7 +479,7 @@ def test_loader_refuses_unreadable_and_odd_files(tmp_path):
   garbage = tmp_path / "garbage.pth"
   garbage.write_bytes(b"this is not a checkpoint")
   cases = [
-      (str(garbage), "not a readable PyTorch checkpoint"),
+      (str(garbage), "corrupt or not a PyTorch checkpoint"),
       (str(tmp_path / "absent.pth"), "no such file"),
       (_save([torch.zeros(3)], tmp_path, "list.pth"), "expected a flat DINOv2 state_dict"),
       (_save({"model": {"a": torch.zeros(1)}}, tmp_path, "nested.pth"), "expected a tensor"),

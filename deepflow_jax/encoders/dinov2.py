@@ -83,7 +83,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepflow_jax.errors import UserError
-from deepflow_jax.errors import first_line
 from deepflow_jax.torch_io import ConversionError
 from deepflow_jax.torch_io import check_state_dict
 from deepflow_jax.torch_io import flat_state_dict
@@ -751,13 +750,7 @@ def load_dinov2(path: str, grid: Optional[int] = None, *, num_heads: Optional[in
   shapes that do not fit (missing, unexpected and mis-shaped keys listed).
   """
   path_str = str(path)
-  try:
-    obj = load_weights_file(path_str)
-  except ConversionError:
-    raise
-  except Exception as e:  # torch's unpickler raises IndexError/KeyError/... on some garbage
-    raise ConversionError(
-        f"{path_str}: not a readable PyTorch checkpoint ({first_line(e, 200)})") from e
+  obj = load_weights_file(path_str)
   if not isinstance(obj, Mapping):
     raise ConversionError(f"{path_str}: expected a flat DINOv2 state_dict, got "
                           f"{type(obj).__name__}")
