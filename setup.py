@@ -8,7 +8,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=find_packages(include=["deepflow_jax", "deepflow_jax.*"]),
+    # configs/ (the presets) is installed as deepflow_jax.configs, so notebooks and
+    # scripts outside the repository can load them: config_lib.load_config("digits").
+    packages=find_packages(include=["deepflow_jax", "deepflow_jax.*"]) + ["deepflow_jax.configs"],
+    package_dir={"deepflow_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",

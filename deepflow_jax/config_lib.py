@@ -7,7 +7,12 @@ names them.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
+
+import deepflow_jax.configs as configs_pkg
 
 from deepflow_jax.errors import UserError
 from deepflow_jax.models.deepflow import DTYPES
@@ -118,16 +123,34 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
-  """Loads ``configs/x.py[:arg]`` (what ``--config=`` takes) and applies dotted overrides.
+def config_file(name: str) -> str:
+  """The file of a config: an existing path, or a preset shipped with the package.
 
-  For notebooks: ``load_config("configs/digits.py", **{"train.num_steps": 300})``.
+  ``"configs/digits.py"`` (relative to the working directory, what ``--config=``
+  takes), ``"digits.py"`` or just ``"digits"`` all name the packaged
+  ``configs/digits.py`` when no such file exists where you are (notebooks run
+  anywhere; the presets are installed as ``deepflow_jax.configs``).
   """
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(name):
+    return name
+  base = os.path.basename(name)
+  base = base if base.endswith(".py") else base + ".py"
+  packaged = os.path.join(os.path.dirname(os.path.abspath(configs_pkg.__file__)), base)
+  if os.path.isfile(packaged):
+    return packaged
+  known = sorted(f[:-3] for f in os.listdir(os.path.dirname(packaged))
+                 if f.endswith(".py") and not f.startswith("_"))
+  raise UserError(f"{name}: no such config file (packaged presets: {', '.join(known)})")
+
+
+def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
+  """Loads a config (``configs/x.py[:arg]``, ``x.py`` or ``x``) and applies dotted overrides.
+
+  For notebooks: ``load_config("digits", **{"train.num_steps": 300})`` or
+  ``load_config("xl3t:sit")``; ``path`` may be anything ``config_file`` accepts.
+  """
   path, _, arg = str(path).partition(":")
-  if not os.path.isfile(path):
-    raise UserError(f"{path}: no such config file")
+  path = config_file(path)
   spec = importlib.util.spec_from_file_location(
       "deepflow_jax_config_" + os.path.basename(path).removesuffix(".py"), path)
   module = importlib.util.module_from_spec(spec)

@@ -1,0 +1,1 @@
+"""Config presets, one per file; installed with the package as ``deepflow_jax.configs``."""
