@@ -6,17 +6,21 @@
   them (pixels in [-1, 1], or diffusion latents) -> uint8 NHWC images;
 * ``grid(images, rows)`` / ``save_grid(images, rows, path)``: one picture with a
   row per class;
-* ``save_png(path, image)``: an atomic PNG write (temporary name, then rename).
+* ``save_png(path, image)``: an atomic PNG write (temporary name, then rename);
+* ``sample_grid(model, params, classes, per_class, ...)``: sample and decode a class
+  grid in one call (notebooks).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from deepflow_jax import outputs
+from deepflow_jax import sampling
+from deepflow_jax.errors import UserError
 
 
 def to_uint8(images, *, rgb: bool = False):
@@ -82,3 +86,22 @@ def save_png(path: str, image: np.ndarray, *, min_side: int = 0) -> None:
 def save_grid(images: np.ndarray, rows: int, path: str) -> None:
   """uint8 (rows * cols, H, W, C) -> one PNG with ``rows`` rows (small images enlarged)."""
   save_png(path, grid(images, rows), min_side=512)
+
+
+def sample_grid(model, params, classes: Sequence[int], per_class: int = 8, *,
+                vae: Optional[tuple[Any, Any]] = None, latent_scale: float = 0.18215,
+                seed: int = 0, **sample_kwargs) -> np.ndarray:
+  """Samples ``per_class`` images of every class in ``classes``; a uint8 picture, a row per class.
+
+  ``sample_kwargs`` go to ``deepflow_jax.sampling.sample_many`` (``sampler``,
+  ``num_steps``, ``cfg_scale``, ``guidance_low``, ``guidance_high``,
+  ``per_device_batch``, ...). Latent models need ``vae = (module, params)``
+  (``deepflow_jax.vae.load_diffusers_vae``) to become pictures. Show it with
+  ``PIL.Image.fromarray(picture)`` or save it with ``save_png``.
+  """
+  labels = sampling.class_grid_labels(classes, per_class)
+  samples = sampling.sample_many(model, params, labels, seed=seed, **sample_kwargs)
+  if model.in_channels not in (1, 3) and vae is None:
+    raise UserError("this model samples VAE latents: pass vae=load_diffusers_vae(path) to see "
+                    "them as images")
+  return grid(decode(samples, vae, latent_scale=latent_scale), len(list(classes)))
