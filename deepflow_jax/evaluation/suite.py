@@ -344,8 +344,11 @@ def npz_keys(path: str) -> tuple[str, ...]:
     return tuple(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
 
 
-def open_image_batch(path: str, *, min_images: int = 1) -> NpzArray:
-  """An ADM-format batch's images (``arr_0`` uint8 (N, H, W, 3)), checked, to read in chunks."""
+def open_image_batch(path: str, *, min_images: int = 1, why: str = "") -> NpzArray:
+  """An ADM-format batch's images (``arr_0`` uint8 (N, H, W, 3)), checked, to read in chunks.
+
+  ``why`` is appended to the message when there are fewer than ``min_images``.
+  """
   arr = NpzArray(path, IMAGES_KEY)
   if arr.dtype != np.uint8:
     raise UserError(f"{path}: {IMAGES_KEY} has dtype {arr.dtype}; expected uint8 images "
@@ -355,7 +358,7 @@ def open_image_batch(path: str, *, min_images: int = 1) -> NpzArray:
                     "RGB images")
   if len(arr) < min_images:
     raise UserError(f"{path}: {IMAGES_KEY} holds {len(arr)} images; at least {min_images} are "
-                    "needed")
+                    "needed" + (f" ({why})" if why else ""))
   return arr
 
 
@@ -506,6 +509,13 @@ def run_feature_pass(model, params, images, accumulator: FeatureAccumulator, *,
   return accumulator
 
 
+def feature_dims(model, params, image_shape) -> dict[str, int]:
+  """Widths of the network's outputs for (H, W, C) uint8 images (traced, nothing computed)."""
+  x = jax.ShapeDtypeStruct((1,) + tuple(int(s) for s in image_shape), jnp.uint8)
+  out = jax.eval_shape(lambda p, im: model.apply({"params": p}, im), params, x)
+  return {k: int(v.shape[-1]) for k, v in out.items()}
+
+
 # ---------------------------------------------------------------------------
 # Reference statistics and the metrics dict.
 # ---------------------------------------------------------------------------
@@ -531,6 +541,16 @@ class ReferenceStatistics:
     """The arrays that are present, by field name (no copies)."""
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
             if getattr(self, f.name) is not None}
+
+
+def check_reference_dims(reference: "ReferenceStatistics", dims: dict[str, int],
+                         name: str) -> None:
+  """Refuses reference statistics whose widths differ from the network's outputs ``dims``."""
+  for key, out in (("mu", "pool"), ("mu_s", "spatial"), ("pool", "pool")):
+    v = getattr(reference, key)
+    if v is not None and out in dims and v.shape[-1] != dims[out]:
+      raise UserError(f"{name}: {key} has {v.shape[-1]} features but the network's {out!r} "
+                      f"output has {dims[out]}: the reference was made with another network")
 
 
 def reference_from_accumulator(acc: FeatureAccumulator) -> ReferenceStatistics:
@@ -574,14 +594,16 @@ def metrics_from_features(acc: FeatureAccumulator, reference: ReferenceStatistic
   log = _log_fn(log)
   out: dict[str, Any] = {"fid": None, "sfid": None, "inception_score": None, "precision": None,
                          "recall": None, "num_samples": int(acc.count)}
-  if acc.pool_stats is not None and reference.mu is not None:
+  for key, stats, mu, sigma in (("fid", acc.pool_stats, reference.mu, reference.sigma),
+                                ("sfid", acc.spatial_stats, reference.mu_s, reference.sigma_s)):
+    if stats is None or mu is None:
+      continue
     t = time.perf_counter()
-    out["fid"] = metrics.frechet_distance(*acc.pool_stats.statistics(), reference.mu,
-                                          reference.sigma)
-    log(f"[metrics] FID {out['fid']:.4f} ({time.perf_counter() - t:.1f}s)")
-  if acc.spatial_stats is not None and reference.mu_s is not None:
-    out["sfid"] = metrics.frechet_distance(*acc.spatial_stats.statistics(), reference.mu_s,
-                                           reference.sigma_s)
+    if stats.dim is not None and stats.dim >= 512:
+      log(f"[metrics] {key}: matrix square root of a {stats.dim}x{stats.dim} product (scipy, "
+          "~20 s on 2 CPU cores at 2048)")
+    out[key] = metrics.frechet_distance(*stats.statistics(), mu, sigma)
+    log(f"[metrics] {key} {out[key]:.4f} ({time.perf_counter() - t:.1f}s)")
   if acc.inception is not None and acc.inception.count:
     out["inception_score"] = acc.inception.result()
   if acc.pool is not None and reference.pool is not None:
@@ -671,6 +693,24 @@ def read_reference_statistics(path: str) -> ReferenceStatistics:
   return ref
 
 
+def check_reference(path: str) -> tuple[ReferenceStatistics, Optional[NpzArray]]:
+  """Checks an ADM reference batch without computing anything.
+
+  Returns its precomputed statistics (fields ``None`` where absent) and its
+  images (``None`` if it has no ``arr_0``); raises :class:`UserError` for a
+  missing or malformed file, bad statistics, bad images, or neither.
+  """
+  ref = read_reference_statistics(path)
+  images = None
+  if IMAGES_KEY in npz_keys(path):
+    images = open_image_batch(path, min_images=metrics.PR_NEIGHBOURHOOD + 1,
+                              why="precision/recall need k + 1 reference images")
+  elif ref.mu is None:
+    raise UserError(f"{path}: has neither {IMAGES_KEY} (images) nor mu/sigma (statistics); "
+                    "expected an ADM-format reference batch")
+  return ref, images
+
+
 def reference_cache_path(path: str, key: str) -> str:
   """Where :func:`load_reference` caches features computed from ``path`` (next to it)."""
   path = os.path.abspath(path)
@@ -711,18 +751,12 @@ def load_reference(path: str, model, params, *, precision_recall: bool = True, c
   never written.
   """
   log = _log_fn(log)
-  keys = npz_keys(path)
-  ref = read_reference_statistics(path)
-  has_images = IMAGES_KEY in keys
-  if not has_images and ref.mu is None:
-    raise UserError(f"{path}: has neither {IMAGES_KEY} (images) nor mu/sigma (statistics); "
-                    "expected an ADM-format reference batch")
-  if not has_images and precision_recall:
+  ref, images = check_reference(path)
+  if images is None and precision_recall:
     log(f"[reference] {path} has no {IMAGES_KEY}: precision/recall will not be computed")
-  need_pool = precision_recall and has_images
-  if not has_images or (ref.mu is not None and ref.mu_s is not None and not need_pool):
+  need_pool = precision_recall and images is not None
+  if images is None or (ref.mu is not None and ref.mu_s is not None and not need_pool):
     return ref
-  images = open_image_batch(path, min_images=max(2, metrics.PR_NEIGHBOURHOOD + 1))
   key = reference_cache_key(path, params, model, cache_extra)
   cache_path = reference_cache_path(path, key)
   computed = None
