@@ -317,3 +317,256 @@ def test_arrayrecord_metadata_errors(tmp_path):
   json.dump(dict(meta, latent_shape=[2, 2, 4]), open(meta_file, "w"))
   with pytest.raises(UserError, match=r"latent shape \(4, 4, 4\), expected \(2, 2, 4\)"):
     next(ar_iter(tmp_path))
+
+
+# ---------------------------------------------------------------------------- batched reading
+
+
+def test_default_parallelism_is_a_function_of_cores_and_source():
+  P = pipeline.Parallelism
+  for cores in (1, 2, 8, 64):  # in-memory digits: built in next(), never threads or workers
+    assert pipeline.default_parallelism("digits", cores) == P(0, 0, 0)
+  for name in ("repa", "arrayrecord"):
+    for cores, want in [(1, P(0, 2, 4)), (2, P(0, 2, 4)), (7, P(0, 2, 4)), (8, P(1, 2, 4)),
+                        (16, P(2, 2, 8)), (31, P(3, 2, 12)), (32, P(4, 2, 16)),
+                        (224, P(4, 2, 16))]:
+      assert pipeline.default_parallelism(name, cores) == want, (name, cores)
+  # Explicit values win, each on its own.
+  assert pipeline.default_parallelism("repa", 64, num_workers=0) == P(0, 2, 4)
+  assert pipeline.default_parallelism("repa", 2, num_threads=0) == P(0, 0, 0)
+  assert pipeline.default_parallelism("repa", 2, num_workers=2, num_threads=0) == P(2, 0, 4)
+  assert pipeline.default_parallelism("digits", 2, num_threads=3) == P(0, 3, 6)
+  assert pipeline.default_parallelism("repa", 2, prefetch_batches=9) == P(0, 2, 9)
+  with pytest.raises(UserError, match="data.name"):
+    pipeline.default_parallelism("cifar", 2)
+  if hasattr(os, "sched_getaffinity"):
+    assert pipeline.available_cores() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("n,batch,procs,seed,shuffle,epochs", [
+    (37, 4, 1, 3, True, None), (37, 4, 3, 5, True, 3), (1438, 8, 2, 7, True, None),
+    (10, 5, 1, 0, False, 2), (11, 2, 2, 2**32 - 1, True, 4)])
+def test_batch_indices_are_grains_order(n, batch, procs, seed, shuffle, epochs):
+  """BatchIndices computes grain's range().shuffle(seed).repeat() order, process blocks of it."""
+  import grain
+  ref = grain.MapDataset.range(n)
+  ref = (ref.shuffle(seed=seed) if shuffle else ref).repeat(epochs)
+  g = batch * procs
+  num = 25 if epochs is None else n * epochs // g
+  for p in range(procs):
+    idx = pipeline.BatchIndices(n, batch, process_index=p, process_count=procs, seed=seed,
+                                shuffle=shuffle, num_epochs=epochs)
+    if epochs is not None:
+      assert len(idx) == num
+    for b in range(min(num, 25)):
+      assert idx[b].dtype == np.int64
+      assert list(idx[b]) == [ref[b * g + p * batch + r] for r in range(batch)], (p, b)
+
+
+class ElementwiseRepa:
+  """The reference reader: one np.load + transpose per file (what the pipeline replaced)."""
+
+  def __init__(self, src):
+    self.src = src
+
+  def __len__(self):
+    return len(self.src)
+
+  def __getitem__(self, i):
+    arr = np.load(os.path.join(self.src.root, self.src.files[i]), allow_pickle=False)
+    c = arr.shape[0] // 2
+    return {"mean": arr[:c].transpose(1, 2, 0).astype(np.float32),
+            "std": arr[c:].transpose(1, 2, 0).astype(np.float32),
+            "label": np.int32(self.src.labels[i]), "index": np.int32(i)}
+
+
+class ElementwiseArrayRecord:
+  """The reference reader: one record read + flax msgpack_restore per example."""
+
+  def __init__(self, src):
+    self.src = src
+
+  def __len__(self):
+    return len(self.src)
+
+  def __getitem__(self, i):
+    from flax import serialization
+    rec = serialization.msgpack_restore(self.src._source[i])
+    return {"mean": np.asarray(rec["mean"], np.float32), "std": np.asarray(rec["std"], np.float32),
+            "label": np.int32(rec["label"]), "index": np.int32(i)}
+
+
+def elementwise_batches(ref, *, batch, seed, process_index=0, process_count=1, n):
+  """The pre-batching pipeline: grain's per-example shuffle/repeat, process blocks, batching."""
+  import grain
+  ds = grain.MapDataset.source(ref).shuffle(seed=seed).repeat(None)
+  g = batch * process_count
+  out = []
+  for b in range(n):
+    rows = [ds[b * g + process_index * batch + r] for r in range(batch)]
+    out.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+  return out
+
+
+def assert_same_batches(want, got):
+  assert len(want) == len(got)
+  for w, g in zip(want, got):
+    assert sorted(w) == sorted(g)
+    for k in w:
+      assert w[k].dtype == g[k].dtype and w[k].shape == g[k].shape, k
+      np.testing.assert_array_equal(w[k], g[k])
+
+
+def test_batched_reading_equals_elementwise_repa(tmp_path):
+  write_repa(tmp_path, n=13, per_folder=5)
+  feat = tmp_path / "vae-sd"
+  # Files whose .npy header differs from the first file's take the general decoder:
+  # Fortran order, float64, and a version-2.0 header.
+  rng = np.random.default_rng(5)
+  odd = {"00001/img-mean-std-00000006.npy": np.asfortranarray(rng.normal(size=(8, 4, 4))),
+         "00001/img-mean-std-00000007.npy": rng.normal(size=(8, 4, 4))}
+  for name, arr in odd.items():
+    np.save(feat / name, arr.astype(np.float32) if name.endswith("6.npy") else arr)
+  with open(feat / "00002/img-mean-std-00000011.npy", "wb") as f:
+    np.lib.format.write_array(f, rng.normal(size=(8, 4, 4)).astype(np.float32), version=(2, 0))
+  src = pipeline.make_source({"name": "repa", "path": os.fspath(tmp_path), "include_index": True})
+  for p, procs in [(0, 1), (1, 2)]:
+    want = elementwise_batches(ElementwiseRepa(src), batch=3, seed=4, process_index=p,
+                               process_count=procs, n=10)
+    got = take(pipeline.make_train_iterator(
+        {"name": "repa", "path": os.fspath(tmp_path), "include_index": True},
+        global_batch_size=3 * procs, process_index=p, process_count=procs, seed=4,
+        source=src), 10)
+    assert_same_batches(want, got)
+  # One example is the batch of one.
+  one = src[7]
+  np.testing.assert_array_equal(one["mean"], odd["00001/img-mean-std-00000007.npy"][:4]
+                                .transpose(1, 2, 0).astype(np.float32))
+  assert one["mean"].shape == (4, 4, 4) and one["label"].shape == ()
+
+
+def test_batched_reading_equals_elementwise_arrayrecord(tmp_path):
+  ex = make_examples(11)
+  records.write_latent_dataset(tmp_path, ex, num_examples=11, num_classes=3, num_shards=3)
+  cfg = {"name": "arrayrecord", "path": os.fspath(tmp_path), "include_index": True}
+  src = pipeline.make_source(cfg)
+  want = elementwise_batches(ElementwiseArrayRecord(src), batch=4, seed=9, n=8)
+  assert_same_batches(want, take(pipeline.make_train_iterator(
+      cfg, global_batch_size=4, process_index=0, process_count=1, seed=9), 8))
+
+
+def test_decode_records_general_path():
+  """Arrays not stored as float32 of the expected shape go through flax's decoder."""
+  from flax import serialization
+  rng = np.random.default_rng(0)
+  m16 = rng.normal(size=(2, 2, 3)).astype(np.float16)
+  odd = serialization.msgpack_serialize({"mean": m16, "std": m16, "label": 2, "index": 7})
+  m, s = rng.normal(size=(2, 2, 3)).astype(np.float32), rng.random((2, 2, 3)).astype(np.float32)
+  batch = records.decode_records([records.encode_record(m, s, 1, 0), odd,
+                                  records.encode_record(s, m, 0, 5)], where=str)
+  np.testing.assert_array_equal(batch["mean"], np.stack([m, m16.astype(np.float32), s]))
+  np.testing.assert_array_equal(batch["std"], np.stack([s, m16.astype(np.float32), m]))
+  assert list(batch["label"]) == [1, 2, 0] and list(batch["index"]) == [0, 7, 5]
+  with pytest.raises(UserError, match=r"record 1: latent shape \(2, 2, 3\), expected \(2, 2, 4\)"):
+    z = np.zeros((2, 2, 4), np.float32)
+    records.decode_records([records.encode_record(z, z, 0, 0), odd], where=lambda k: f"record {k}",
+                           latent_shape=(2, 2, 4))
+
+
+def test_non_finite_inside_a_batch_names_file_and_index(tmp_path):
+  items = write_repa(tmp_path / "repa")
+  name = sorted(items)[6]
+  arr = items[name][0].copy()
+  arr[5, 1, 1] = np.nan
+  np.save(tmp_path / "repa" / "vae-sd" / name, arr)
+  it = repa_iter(tmp_path / "repa", batch=4, shuffle=False)
+  take(it, 1)
+  with pytest.raises(UserError, match=r"img-mean-std-00000006.npy \(example 6\): non-finite"):
+    next(it)  # examples 4..7
+  ex = make_examples(8)
+  ex[5] = (ex[5][0], np.full_like(ex[5][1], np.inf), ex[5][2])
+  records.write_latent_dataset(tmp_path / "ar", ex, num_examples=8, num_classes=3, num_shards=2)
+  it = ar_iter(tmp_path / "ar", batch=4, shuffle=False)
+  take(it, 1)
+  with pytest.raises(UserError, match=r"00001-of-00002.array_record record 1 \(example 5\): non-"):
+    next(it)
+  with pytest.raises(UserError, match=r"record 2 \(example 2\): label 2 not in \[0, 2\)"):
+    next(ar_iter(tmp_path / "ar", batch=4, shuffle=False, num_classes=2))
+
+
+def test_stream_and_resume_do_not_depend_on_threads_or_workers(tmp_path):
+  write_repa(tmp_path, n=11)
+
+  def make(**par):
+    return repa_iter(tmp_path, batch=2, seed=3, **par)
+
+  want = take(make(num_workers=0, num_threads=0), 9)
+  assert_same_batches(want, take(make(num_threads=3), 9))
+  # A state saved with one parallelism resumes exactly under another; two worker
+  # processes (each reading every other batch) give the batches back in order.
+  it = make(num_threads=2)
+  take(it, 4)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state == {"next_index": 8}
+  fresh = make(num_workers=2, num_threads=1)
+  fresh.set_state(state)
+  assert_same_batches(want[4:], take(fresh, 5))
+  assert fresh.get_state() == {"next_index": 18}
+  fresh.close()
+  for bad in ({"next_index": 3}, {"next_index": -2}, {}, {"next_index": 2.0}):
+    with pytest.raises(UserError, match="data iterator state"):
+      make().set_state(bad)
+
+
+# ---------------------------------------------------------------------------- latent scale
+
+
+def test_latent_scale_and_vae_downsampling_from_the_dataset_else_config(tmp_path):
+  info = pipeline.dataset_info({"name": "digits"})
+  assert (info.latent_scale, info.vae_downsampling) == (1.0, 1)  # pixels: no VAE
+  # ArrayRecord: metadata.json records both (defaults: the SD-VAE's).
+  ex = make_examples(4)
+  records.write_latent_dataset(tmp_path / "sd", ex, num_examples=4, num_classes=3)
+  meta = json.load(open(tmp_path / "sd" / records.METADATA_FILE))
+  assert (meta["scaling_factor"], meta["vae_downsampling"]) == (0.18215, 8)
+  info = pipeline.dataset_info({"name": "arrayrecord", "path": os.fspath(tmp_path / "sd")})
+  assert (info.latent_scale, info.vae_downsampling, info.resolution) == (0.18215, 8, 32)
+  records.write_latent_dataset(tmp_path / "f16", ex, num_examples=4, num_classes=3,
+                               resolution=64, scaling_factor=0.5, vae_downsampling=16)
+  cfg = {"name": "arrayrecord", "path": os.fspath(tmp_path / "f16")}
+  info = pipeline.dataset_info(cfg)
+  assert (info.latent_scale, info.vae_downsampling, info.resolution) == (0.5, 16, 64)
+  assert pipeline.dataset_info(dict(cfg, latent_scale=0.5, vae_downsampling=16)) == info
+  with pytest.raises(UserError, match=r"data.latent_scale=0.18215 but .*metadata.json records "
+                                      r"scaling_factor=0.5"):
+    pipeline.dataset_info(dict(cfg, latent_scale=0.18215))
+  with pytest.raises(UserError, match="data.vae_downsampling=8 but .* vae_downsampling=16"):
+    pipeline.dataset_info(dict(cfg, vae_downsampling=8))
+  # Written before vae_downsampling was recorded: resolution / h, else the config, else 8.
+  meta_file = tmp_path / "f16" / records.METADATA_FILE
+  meta = json.load(open(meta_file))
+  del meta["vae_downsampling"]
+  json.dump(meta, open(meta_file, "w"))
+  assert pipeline.dataset_info(cfg).vae_downsampling == 16
+  json.dump(dict(meta, resolution=0), open(meta_file, "w"))
+  assert pipeline.dataset_info(cfg).vae_downsampling == 8
+  info = pipeline.dataset_info(dict(cfg, vae_downsampling=4))
+  assert (info.vae_downsampling, info.resolution) == (4, 16)
+  # REPA: dataset.json holds labels; the config (or the SD-VAE's values) fills in,
+  # unless dataset.json records them too.
+  write_repa(tmp_path / "repa")
+  cfg = {"name": "repa", "path": os.fspath(tmp_path / "repa")}
+  info = pipeline.dataset_info(cfg)
+  assert (info.latent_scale, info.vae_downsampling, info.resolution) == (0.18215, 8, 32)
+  info = pipeline.dataset_info(dict(cfg, latent_scale=0.25, vae_downsampling=16))
+  assert (info.latent_scale, info.vae_downsampling, info.resolution) == (0.25, 16, 64)
+  label_file = tmp_path / "repa" / "vae-sd" / "dataset.json"
+  labels = json.load(open(label_file))["labels"]
+  json.dump({"labels": labels, "scaling_factor": 0.13025}, open(label_file, "w"))
+  assert pipeline.dataset_info(cfg).latent_scale == 0.13025
+  json.dump({"labels": labels, "scaling_factor": "big"}, open(label_file, "w"))
+  with pytest.raises(UserError, match="dataset.json: scaling_factor='big' is not a positive float"):
+    pipeline.dataset_info(cfg)
+  with pytest.raises(UserError, match="data.latent_scale must be a positive number"):
+    pipeline.dataset_info({"name": "repa", "path": os.fspath(tmp_path / "repa"),
+                           "latent_scale": -1.0})

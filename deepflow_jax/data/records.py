@@ -4,7 +4,10 @@ A dataset is a directory holding
 
 * ``metadata.json``: ``{"schema": "deepflow-jax/latents/v1", "num_examples": int,
   "shards": [file names in order], "latent_shape": [h, w, c], "num_classes": int,
-  "resolution": int, "vae": str, "scaling_factor": 0.18215, ...}``;
+  "resolution": int, "vae": str, "scaling_factor": 0.18215, "vae_downsampling": 8,
+  ...}`` (``scaling_factor``: what the VAE's latents are multiplied by for the
+  model; ``vae_downsampling``: image side / latent side. Datasets written before
+  ``vae_downsampling`` was recorded lack it; readers then use ``resolution / h``);
 * ``<split>-SSSSS-of-NNNNN.array_record`` shards, each record one example.
 
 A record is a msgpack map (written with ``flax.serialization.msgpack_serialize``,
@@ -16,12 +19,20 @@ which stores numpy arrays as raw bytes plus dtype/shape: no pickle) with keys
 * ``index``: int, the example's position in the source's deterministic file order.
 
 Training draws ``z = (mean + std * eps) * scaling_factor`` inside the jitted step.
+:func:`decode_records` decodes a whole batch of records into stacked arrays
+(what the input pipeline uses); :func:`decode_record` is the one-record form.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+import json
+import math
+import os
+from typing import Any, Callable, Sequence
 
+import msgpack
 import numpy as np
+from array_record.python import array_record_module
 from flax import serialization
 
 from deepflow_jax.errors import UserError
@@ -29,6 +40,9 @@ from deepflow_jax.errors import UserError
 SCHEMA = "deepflow-jax/latents/v1"
 METADATA_FILE = "metadata.json"
 RECORD_KEYS = ("mean", "std", "label", "index")
+# The SD-VAE's values (sd-vae-ft-ema / ft-mse), recorded when a writer does not say.
+SD_VAE_SCALING_FACTOR = 0.18215
+SD_VAE_DOWNSAMPLING = 8
 
 
 def shard_name(split: str, shard: int, num_shards: int) -> str:
@@ -46,21 +60,97 @@ def encode_record(mean: np.ndarray, std: np.ndarray, label: int, index: int) -> 
 
 def decode_record(data: bytes, *, where: str = "record",
                   latent_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
-  """Decodes one record; ``where`` (file and index) is named in any error."""
-  try:
-    rec = serialization.msgpack_restore(data)
-  except Exception as e:  # msgpack raises several types on garbage
-    raise UserError(f"{where}: not a deepflow-jax latent record ({type(e).__name__}: {e})") from e
-  if not isinstance(rec, dict) or set(rec) != set(RECORD_KEYS):
-    got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-    raise UserError(f"{where}: expected record keys {list(RECORD_KEYS)}, got {got}")
-  mean, std = np.asarray(rec["mean"]), np.asarray(rec["std"])
-  if mean.shape != std.shape or mean.ndim != 3:
-    raise UserError(f"{where}: mean {mean.shape} / std {std.shape} are not matching (h, w, c) arrays")
-  if latent_shape is not None and tuple(mean.shape) != tuple(latent_shape):
-    raise UserError(f"{where}: latent shape {tuple(mean.shape)}, expected {tuple(latent_shape)}")
-  return {"mean": mean.astype(np.float32), "std": std.astype(np.float32),
-          "label": int(rec["label"]), "index": int(rec["index"])}
+  """Decodes one record; ``where`` (file and index) is named in any error.
+
+  Returns ``{"mean": float32 (h, w, c), "std": float32 (h, w, c), "label": int,
+  "index": int}``.
+  """
+  batch = decode_records([data], where=lambda _: where, latent_shape=latent_shape)
+  return {"mean": batch["mean"][0], "std": batch["std"][0], "label": int(batch["label"][0]),
+          "index": int(batch["index"][0])}
+
+
+def _keep_ext(code: int, data: bytes) -> msgpack.ExtType:
+  return msgpack.ExtType(code, data)
+
+
+@functools.lru_cache(maxsize=8)
+def _float32_ext(shape: tuple[int, ...]) -> tuple[int, bytes, int]:
+  """(ext code, payload prefix, payload size) of a float32 ``shape`` array as written here.
+
+  ``encode_record`` stores arrays as flax's msgpack extension: a payload of
+  (shape, dtype name, raw bytes). A payload that starts with these bytes and
+  has this size holds exactly such an array, whose data is its last bytes.
+  """
+  ref = msgpack.unpackb(serialization.msgpack_serialize(np.zeros(shape, np.float32)),
+                        ext_hook=_keep_ext)
+  nbytes = 4 * math.prod(shape)
+  return ref.code, bytes(ref.data[:-nbytes]), len(ref.data)
+
+
+def decode_records(datas: Sequence[bytes], *, where: Callable[[int], str],
+                   latent_shape: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
+  """Decodes a batch of records into stacked arrays.
+
+  Args:
+    datas: ``n >= 1`` serialised records.
+    where: ``where(k)`` names record ``k`` (file and index) in an error; only
+      called when raising.
+    latent_shape: the expected (h, w, c); None takes the first record's.
+
+  Returns:
+    ``{"mean": float32 (n, h, w, c), "std": float32 (n, h, w, c),
+    "label": int64 (n,), "index": int64 (n,)}``. Arrays stored as float32 of the
+    expected shape (every record ``encode_record`` writes) are copied straight
+    from the record's bytes into the stacked arrays; anything else goes through
+    ``flax.serialization.msgpack_restore`` and its checks.
+
+  Raises:
+    UserError: a record that is not this schema's msgpack map, or whose mean and
+      std are not matching (h, w, c) arrays of the expected shape, naming
+      ``where(k)``.
+  """
+  n = len(datas)
+  labels = np.empty((n,), np.int64)
+  indices = np.empty((n,), np.int64)
+  mean_out = std_out = fast = None
+  for k, data in enumerate(datas):
+    try:
+      rec = msgpack.unpackb(data, ext_hook=_keep_ext, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several types on garbage
+      raise UserError(f"{where(k)}: not a deepflow-jax latent record "
+                      f"({type(e).__name__}: {e})") from e
+    if not isinstance(rec, dict) or set(rec) != set(RECORD_KEYS):
+      got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+      raise UserError(f"{where(k)}: expected record keys {list(RECORD_KEYS)}, got {got}")
+    if fast is not None and all(
+        isinstance(rec[a], msgpack.ExtType) and rec[a].code == fast[0]
+        and len(rec[a].data) == fast[2] and rec[a].data.startswith(fast[1])
+        for a in ("mean", "std")):
+      offset = len(fast[1])
+      mean_out[k] = np.frombuffer(rec["mean"].data, np.float32, offset=offset).reshape(latent_shape)
+      std_out[k] = np.frombuffer(rec["std"].data, np.float32, offset=offset).reshape(latent_shape)
+    else:
+      full = serialization.msgpack_restore(data)  # it unpacked above: arrays may be odd
+      mean, std = np.asarray(full["mean"]), np.asarray(full["std"])
+      if mean.shape != std.shape or mean.ndim != 3:
+        raise UserError(f"{where(k)}: mean {mean.shape} / std {std.shape} are not matching "
+                        "(h, w, c) arrays")
+      if mean_out is None:
+        latent_shape = tuple(int(d) for d in (latent_shape or mean.shape))
+        mean_out = np.empty((n,) + latent_shape, np.float32)
+        std_out = np.empty_like(mean_out)
+        fast = _float32_ext(latent_shape)
+      if tuple(mean.shape) != latent_shape:
+        raise UserError(f"{where(k)}: latent shape {tuple(mean.shape)}, expected {latent_shape}")
+      mean_out[k] = mean
+      std_out[k] = std
+    try:
+      labels[k], indices[k] = int(rec["label"]), int(rec["index"])
+    except (TypeError, ValueError, OverflowError) as e:
+      raise UserError(f"{where(k)}: label {rec['label']!r} / index {rec['index']!r} are not "
+                      "integers") from e
+  return {"mean": mean_out, "std": std_out, "label": labels, "index": indices}
 
 
 def write_latent_dataset(
@@ -73,6 +163,8 @@ def write_latent_dataset(
     num_shards: int = 1,
     resolution: int = 0,
     vae: str = "",
+    scaling_factor: float = SD_VAE_SCALING_FACTOR,
+    vae_downsampling: int = SD_VAE_DOWNSAMPLING,
     extra_metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Writes a latent dataset in this schema; returns the metadata written.
@@ -86,9 +178,6 @@ def write_latent_dataset(
   shapes, labels out of range) raise ``UserError``; existing shards of the same
   names are overwritten.
   """
-  import os  # pylint: disable=g-import-not-at-top
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-
   directory = os.fspath(directory)
   if num_examples <= 0 or not 1 <= num_shards <= num_examples:
     raise UserError(f"need num_examples > 0 and 1 <= num_shards <= num_examples, "
@@ -124,20 +213,26 @@ def write_latent_dataset(
     raise UserError(f"{directory}: got {count} examples, num_examples={num_examples}")
   return write_metadata(directory, num_examples=num_examples, shards=names,
                         latent_shape=latent_shape, num_classes=num_classes,
-                        resolution=resolution, vae=vae, extra=extra_metadata)
+                        resolution=resolution, vae=vae, scaling_factor=scaling_factor,
+                        vae_downsampling=vae_downsampling, extra=extra_metadata)
 
 
 def write_metadata(directory, *, num_examples: int, shards, latent_shape, num_classes: int,
-                   resolution: int = 0, vae: str = "", scaling_factor: float = 0.18215,
+                   resolution: int = 0, vae: str = "",
+                   scaling_factor: float = SD_VAE_SCALING_FACTOR,
+                   vae_downsampling: int = SD_VAE_DOWNSAMPLING,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Writes ``metadata.json`` (last, through a temporary file and a rename); returns it."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
+  """Writes ``metadata.json`` (last, through a temporary file and a rename); returns it.
+
+  ``scaling_factor`` and ``vae_downsampling`` are the encoding VAE's (defaults:
+  the SD-VAE's 0.18215 and 8); readers train and decode with them.
+  """
 
   metadata = {
       "schema": SCHEMA, "num_examples": int(num_examples), "shards": list(shards),
       "latent_shape": [int(d) for d in latent_shape], "num_classes": int(num_classes),
       "resolution": int(resolution), "vae": str(vae), "scaling_factor": float(scaling_factor),
+      "vae_downsampling": int(vae_downsampling),
   }
   metadata.update(extra or {})
   path = os.path.join(os.fspath(directory), METADATA_FILE)
