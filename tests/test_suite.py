@@ -6,13 +6,15 @@ same interface as the FID Inception), so that any difference between batchings
 or device counts can only come from the pipeline itself. Runs with 8 fake CPU
 devices go through a subprocess (tests/evaluation_worker.py), because
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before JAX is
-imported. Wall time: ~40 s on 2 CPU cores (two subprocesses of ~10 s each); measured
-110 s while other jobs shared the cores.
+imported; two JAX processes on loopback cover the multi-host paths. Wall time: ~45 s on
+2 CPU cores (four subprocesses of ~8 s each), measured up to 110 s while other jobs
+shared the cores.
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import zipfile
@@ -226,25 +228,41 @@ def test_evaluate_samples(net):
   assert res2["fid"] == res["fid"] and res2["sfid"] is None and res2["precision"] is None
 
 
-def _worker(devices, batch):
+def _worker_env(devices):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "evaluation_worker.py"),
-                         str(batch)], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return env
+
+
+def _worker(devices, batch, processes=1):
+  """Runs tests/evaluation_worker.py with ``processes`` JAX processes of ``devices`` devices."""
+  cmd = [sys.executable, os.path.join(ROOT, "tests", "evaluation_worker.py"), str(batch)]
+  if processes == 1:
+    cmds = [cmd]
+  else:
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    cmds = [cmd + [str(port), str(processes), str(i)] for i in range(processes)]
+  procs = [subprocess.Popen(c, cwd=ROOT, env=_worker_env(devices), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for c in cmds]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return json.loads(outs[0][0].strip().splitlines()[-1])
 
 
 def test_device_count_and_batch_size_invariance():
-  """1 device (batch 8) vs 8 devices (batch 24, 3 per device): same metrics up to float64 noise.
+  """1 device (batch 8) vs 8 devices (batch 24) vs 2 processes x 2 devices (batch 12).
 
-  (Batch-size invariance on one device is also checked, bit for bit, by
-  test_feature_pass_matches_direct_computation.)
+  The same metrics up to float64 noise. The two-process run (gloo on loopback)
+  takes the multi-host paths: outputs not fully addressable, gathered with
+  process_allgather; P/R blocks built per process. (Batch-size invariance on one
+  device is also checked, bit for bit, by test_feature_pass_matches_direct_computation.)
   """
-  runs = [_worker(1, 8), _worker(8, 24)]
-  assert [r["devices"] for r in runs] == [1, 8]
+  runs = [_worker(1, 8), _worker(8, 24), _worker(2, 12, processes=2)]
+  assert [(r["devices"], r["processes"]) for r in runs] == [(1, 1), (8, 1), (4, 2)]
   base = runs[0]
   for r in runs[1:]:
     # Features and float32 means: bit-identical (row-exact stand-in, order kept).
