@@ -1,8 +1,23 @@
-"""User-facing errors and the one-line CLI error convention."""
+"""User-facing errors and the one error path every entry point shares.
+
+* ``UserError``: bad input from the user (a flag, config key or value, file or
+  data). Its message is one line naming what was wrong and what was expected.
+* ``cli_main``: wraps an entry point's ``main(argv)``: a ``UserError`` becomes
+  ``error: ...`` on stderr and exit status 2; Ctrl-C outside a handled phase
+  exits 130 with one line; any other exception is reported in one line (exit 1)
+  unless ``DEEPFLOW_DEBUG=1`` is set, which shows the full traceback.
+* ``ArgumentParser``: argparse with one-line errors (exit 2, no usage dump) and
+  defaults shown in ``--help``.
+"""
 from __future__ import annotations
 
+import argparse
 import functools
+import os
 import sys
+
+DEBUG_ENV = "DEEPFLOW_DEBUG"
+EXIT_USER_ERROR = 2
 
 
 class UserError(ValueError):
@@ -15,19 +30,50 @@ def first_line(e: BaseException, limit: int = 300) -> str:
   return lines[0][:limit] if lines else type(e).__name__
 
 
+def debug() -> bool:
+  """True when ``DEEPFLOW_DEBUG`` asks for tracebacks instead of one-line errors."""
+  return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+def print_error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def cli_main(fn):
-  """Wraps a CLI ``main(argv) -> int|None``: UserErrors become one line on stderr, exit 2."""
+  """Wraps a CLI ``main(argv) -> int|None`` with the shared error path (see the module doc)."""
 
   @functools.wraps(fn)
   def wrapper(argv=None):
     try:
       rc = fn(argv)
     except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+      if debug():
+        raise
+      print_error(str(e))
+      return EXIT_USER_ERROR
     except KeyboardInterrupt:
-      print("interrupted", file=sys.stderr)
+      if debug():
+        raise
+      print("interrupted", file=sys.stderr, flush=True)
       return 130
+    except Exception as e:  # pylint: disable=broad-except
+      if debug():
+        raise
+      print_error(f"internal error ({type(e).__name__}: {first_line(e)}); rerun with "
+                  f"{DEBUG_ENV}=1 for the traceback")
+      return 1
     return 0 if rc is None else rc
 
   return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with the shared error path: one ``error:`` line, exit 2; defaults in --help."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+    super().__init__(*args, **kwargs)
+
+  def error(self, message):
+    print_error(f"{message} (see {self.prog} --help)")
+    sys.exit(EXIT_USER_ERROR)

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from deepflow_jax import outputs
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import first_line
 
@@ -138,15 +139,35 @@ def _short_list(items, limit=12) -> str:
   return ", ".join(items[:limit]) + f", ... ({len(items) - limit} more)"
 
 
-def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
-  """Writes ``{key: array}`` as a ``.pt`` of torch tensors (or ``.safetensors``)."""
+def save_torch_file(obj: Any, path: str) -> None:
+  """Writes ``obj`` atomically: a ``.pt`` whose numpy arrays become torch tensors (nested dicts and
+  plain values kept), or, for ``.safetensors``, a flat ``{key: array}``.
+
+  Written under a temporary name in the same folder and renamed, so an
+  interrupted write leaves no partial file under ``path`` (and no temporary
+  file either when Python gets to clean up).
+  """
   path = os.fspath(path)
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
+    if not all(isinstance(v, np.ndarray) for v in obj.values()):
+      raise ConversionError(f"{path}: safetensors holds a flat state_dict only; use a .pt file")
+    outputs.atomic_write(path, lambda tmp: save_file(
+        {k: np.ascontiguousarray(v) for k, v in obj.items()}, tmp))
     return
   torch = _import_torch()
-  tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
-  tmp = path + ".tmp"
-  torch.save(tensors, tmp)
-  os.replace(tmp, path)
+
+  def tensors(x):
+    if isinstance(x, np.ndarray):
+      return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, Mapping):
+      return {k: tensors(v) for k, v in x.items()}
+    return x
+
+  converted = tensors(obj)
+  outputs.atomic_write(path, lambda tmp: torch.save(converted, tmp))
+
+
+def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+  """Writes ``{key: array}`` as a ``.pt`` of torch tensors (or ``.safetensors``), atomically."""
+  save_torch_file(dict(state_dict), path)

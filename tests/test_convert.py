@@ -100,11 +100,12 @@ def test_bare_state_dict_and_safetensors_need_named_options(tmp_path):
   ck = _load_ck()
   path = str(tmp_path / "bare.safetensors")
   save_file({k: v.contiguous() for k, v in ck["ema"].items()}, path)
-  with pytest.raises(ConversionError, match="pass num_heads"):
+  # Every missing fact in one message, named by its flag.
+  with pytest.raises(ConversionError, match="3 architecture fact") as e:
     convert.load_torch_checkpoint(path)
-  with pytest.raises(ConversionError, match="pass df_idxs"):
-    convert.load_torch_checkpoint(path, num_heads=4)
-  with pytest.raises(ConversionError, match="legacy_scaling"):
+  assert all(f in str(e.value) for f in ("--num_heads", "--df_idxs", "--legacy_scaling"))
+  assert "\n" not in str(e.value)
+  with pytest.raises(ConversionError, match="1 architecture fact.*--legacy_scaling"):
     convert.load_torch_checkpoint(path, num_heads=4, df_idxs=[2])
   model, params = convert.load_torch_checkpoint(path, num_heads=4, df_idxs=[2],
                                                 legacy_scaling=False)
@@ -223,7 +224,7 @@ def test_cli_convert_load_export_and_refusals(tmp_path, tiny2t):
   r = _cli(f"--checkpoint={TINY2T_PT}", f"--output={out}", "--weights=model")
   assert r.returncode != 0
   assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
-  assert "not empty" in r.stderr
+  assert "already holds a converted checkpoint" in r.stderr
   assert sorted(os.listdir(out)) == before
   _, again = convert.load_converted(str(out))
   jax.tree.map(np.testing.assert_array_equal, again, ref_params)
@@ -236,6 +237,26 @@ def test_cli_convert_load_export_and_refusals(tmp_path, tiny2t):
   assert sorted(back) == sorted(ema)
   for k in ema:
     assert torch.equal(back[k], ema[k]), k
+  # The reference's own layout: {'model', 'ema', 'args' (a plain dict), 'steps'}, read back
+  # with weights_only=True as its generate.py does, and converted again without any flag.
+  ref_pt = tmp_path / "ref_layout.pt"
+  r = _cli("--export", f"--input={out}", f"--output={ref_pt}", "--layout=reference")
+  assert r.returncode == 0, r.stderr
+  ck = torch.load(str(ref_pt), weights_only=True)
+  assert set(ck) == {"model", "ema", "args", "steps"} and isinstance(ck["args"], dict)
+  for k in ema:
+    assert torch.equal(ck["ema"][k], ema[k]), k
+  model2, params2 = convert.load_torch_checkpoint(str(ref_pt))
+  assert loading.model_to_dict(model2) == loading.model_to_dict(ref_model)
+  jax.tree.map(np.testing.assert_array_equal, params2, ref_params)
+  # --force replaces an existing converted checkpoint atomically (nothing left beside it).
+  r = _cli(f"--checkpoint={ref_pt}", f"--output={out}", "--force")
+  assert r.returncode == 0, r.stderr
+  assert sorted(os.listdir(tmp_path)) == sorted(["back.pt", "converted", "ref_layout.pt"])
+  # Export onto a directory is refused in one line and writes nothing.
+  r = _cli("--export", f"--input={out}", f"--output={tmp_path}", "--force")
+  assert r.returncode == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr
+  assert sorted(os.listdir(tmp_path)) == sorted(["back.pt", "converted", "ref_layout.pt"])
   # A bad input is one line.
   r = _cli(f"--checkpoint={tmp_path / 'nope.pt'}", f"--output={tmp_path / 'o2'}")
   assert r.returncode != 0 and "no such file" in r.stderr and "Traceback" not in r.stderr

@@ -180,6 +180,7 @@ def infer_architecture(sd: Mapping[str, np.ndarray], args: Optional[Mapping[str,
   """
   args = dict(args or {})
   overrides = {k: v for k, v in overrides.items() if v is not None}
+  missing = []  # architecture facts neither the file nor the caller gives, as flags
   if "x_embedder.proj.weight" not in sd:
     raise ConversionError(f"{source}: no 'x_embedder.proj.weight': not a DeepFlow/SiT state_dict "
                           f"(first keys: {sorted(sd)[:5]})")
@@ -202,8 +203,7 @@ def infer_architecture(sd: Mapping[str, np.ndarray], args: Optional[Mapping[str,
   elif "resolution" in args:
     cfg["input_size"] = int(args["resolution"]) // 8
   else:
-    raise ConversionError(f"{source}: cannot tell the latent size (no pos_embed, no args); "
-                          "pass input_size")
+    missing.append("--input_size (latent side; the file has no pos_embed and no args)")
   cfg["qk_norm"] = "blocks.0.attn.q_norm.weight" in sd
   if "qk_norm" in args and bool(args["qk_norm"]) != cfg["qk_norm"]:
     raise ConversionError(f"{source}: args.qk_norm={args['qk_norm']} but the weights "
@@ -229,8 +229,7 @@ def infer_architecture(sd: Mapping[str, np.ndarray], args: Optional[Mapping[str,
         f"{source}: unknown model name {name!r} in args.model (known: "
         f"{', '.join(sorted(REFERENCE_MODEL_NAMES))}); pass num_heads to convert it anyway")
   else:
-    raise ConversionError(f"{source}: the number of attention heads cannot be inferred from a "
-                          "bare state_dict; pass num_heads")
+    missing.append(f"--num_heads (attention heads; width {d} does not tell them)")
 
   n_df = len(_indices(sd, "df_blocks"))
   if "df_idxs" in overrides:
@@ -240,9 +239,10 @@ def infer_architecture(sd: Mapping[str, np.ndarray], args: Optional[Mapping[str,
   elif n_df == 0:
     df_idxs = []
   else:
-    raise ConversionError(f"{source}: {n_df} VeRA blocks but no split layers (args.df_idxs); "
-                          "pass df_idxs")
-  if len(df_idxs) != n_df:
+    df_idxs = None
+    missing.append(f"--df_idxs (the layers after which the {n_df} VeRA block(s) sit, e.g. "
+                   f"'{[int(cfg['depth'] * (j + 1) / (n_df + 1)) for j in range(n_df)]}')")
+  if df_idxs is not None and len(df_idxs) != n_df:
     raise ConversionError(f"{source}: df_idxs {df_idxs} names {len(df_idxs)} splits but the "
                           f"weights hold {n_df} VeRA blocks (df_blocks.*)")
   cfg["df_idxs"] = df_idxs
@@ -269,10 +269,13 @@ def infer_architecture(sd: Mapping[str, np.ndarray], args: Optional[Mapping[str,
   elif "legacy_scaling" in args:
     cfg["legacy_scaling"] = bool(args["legacy_scaling"])
   elif n_df:
-    raise ConversionError(f"{source}: whether the VeRA scale was clipped (legacy_scaling) is not "
-                          "recorded in a bare state_dict; pass legacy_scaling=True or False")
+    missing.append("--legacy_scaling (true or false: whether the VeRA scale was clipped to "
+                   "[-5, 5]; true for the released SSL-aligned models)")
   else:
     cfg["legacy_scaling"] = False
+  if missing:
+    raise ConversionError(f"{source}: the file does not record {len(missing)} architecture "
+                          f"fact(s); pass {'; '.join(missing)}")
   if "class_dropout_prob" in overrides:
     cfg["class_dropout_prob"] = float(overrides["class_dropout_prob"])
   elif args.get("cfg_prob") is not None:
@@ -301,3 +304,37 @@ def load_torch_checkpoint(path: str, weights: str = "ema", *, dtype=jnp.float32,
                           attention_impl=attention_impl, source=source)
   params = state_dict_to_params(model, sd, source)
   return model, params
+
+
+def reference_args(model: DeepFlow) -> dict[str, Any]:
+  """The reference's ``args`` for ``model``, as a plain dict (what its scripts and this
+  converter read back: model name, split layers, scaling, qk-norm, SSL, resolution)."""
+  name = next((n for n, ref in REFERENCE_MODEL_NAMES.items()
+               if ref == dict(hidden_size=model.hidden_size, num_heads=model.num_heads,
+                              patch_size=model.patch_size)), None)
+  args = {
+      "model": name or f"DeepFlow-custom/{model.patch_size}",
+      "df_idxs": json.dumps([int(i) for i in model.df_idxs]),
+      "legacy_scaling": bool(model.legacy_scaling),
+      "qk_norm": bool(model.qk_norm),
+      "ssl_align": bool(model.ssl_align),
+      "resolution": int(model.input_size) * 8,
+      "num_classes": int(model.num_classes),
+      "projector_dim": int(model.projector_dim),
+      "cfg_prob": float(model.class_dropout_prob),
+  }
+  if name is None:
+    args["custom_num_heads"] = int(model.num_heads)
+  return args
+
+
+def reference_checkpoint(model: DeepFlow, params, *, steps: int = 0) -> dict[str, Any]:
+  """The reference's checkpoint layout ``{'model', 'ema', 'args', 'steps'}`` (numpy arrays).
+
+  Both ``model`` and ``ema`` hold ``params`` (a converted directory keeps one set
+  of weights); ``args`` is a plain dict, so ``torch.load(..., weights_only=True)``
+  reads the file and the reference's ``generate.py`` (``torch.load(path)['ema']``)
+  loads it as is.
+  """
+  sd = params_to_state_dict(model, params)
+  return {"model": sd, "ema": sd, "args": reference_args(model), "steps": int(steps)}

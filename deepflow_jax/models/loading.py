@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any, Callable, Mapping, Optional
 
 import flax
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from deepflow_jax import outputs
 from deepflow_jax import sharding as shd
 from deepflow_jax.checkpointing import CHECKPOINT_DIR
 from deepflow_jax.errors import UserError
@@ -137,22 +139,48 @@ def is_converted_dir(directory: str) -> bool:
 
 def save_converted(directory: str, model: DeepFlow, params, *, extra: Optional[dict] = None,
                    force: bool = False) -> None:
-  """Writes ``directory/params`` (Orbax) and ``directory/model.json``."""
+  """Writes ``directory/params`` (Orbax) and ``directory/model.json``, atomically as a whole.
+
+  Everything is written into ``<directory>.tmp-<pid>`` first and renamed into
+  place, so ``directory`` never holds a half-written checkpoint; leftovers of an
+  interrupted run (``<directory>.tmp-*``) are removed. An existing non-empty
+  ``directory`` is refused unless ``force``, then replaced.
+  """
   directory = os.path.abspath(directory)
-  if os.path.exists(directory) and os.listdir(directory) and not force:
-    raise ConversionError(f"{directory}: output directory is not empty; pass --force to "
-                          "overwrite the converted checkpoint in it")
-  os.makedirs(directory, exist_ok=True)
-  meta = {"format": CONVERTED_FORMAT, "model": model_to_dict(model)}
-  meta.update(extra or {})
-  params = jax.tree.map(np.asarray, flax.linen.unbox(params))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=force)
-    ckptr.wait_until_finished()
-  tmp = os.path.join(directory, MODEL_JSON + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, MODEL_JSON))
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ConversionError(f"{directory}: exists and is not a directory")
+  if os.path.isdir(directory) and os.listdir(directory):
+    if not is_converted_dir(directory):
+      raise ConversionError(f"{directory}: not empty and not a converted checkpoint; choose an "
+                            "empty or new output directory (nothing was changed)")
+    if not force:
+      raise ConversionError(f"{directory}: already holds a converted checkpoint; pass --force "
+                            "to replace it")
+  parent, base = os.path.split(directory)
+  os.makedirs(parent, exist_ok=True)
+  for name in os.listdir(parent):  # what an interrupted conversion left
+    if name.startswith(base + ".tmp-") or name.startswith(base + ".old-"):
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+  tmp = outputs.tmp_name(directory)
+  try:
+    os.makedirs(tmp)
+    meta = {"format": CONVERTED_FORMAT, "model": model_to_dict(model)}
+    meta.update(extra or {})
+    params = jax.tree.map(np.asarray, flax.linen.unbox(params))
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+      ckptr.wait_until_finished()
+    outputs.atomic_write_json(os.path.join(tmp, MODEL_JSON), meta)
+    old = None
+    if os.path.exists(directory):
+      old = os.path.join(parent, f"{base}.old-{os.getpid()}")
+      os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_converted(directory: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
