@@ -1,4 +1,4 @@
-"""The ADM evaluation suite's metrics of a sample batch: FID, sFID, Inception Score, precision, recall.
+"""ADM evaluation suite metrics of a sample batch: FID, sFID, Inception Score, precision, recall.
 
 Command line::
 

@@ -22,7 +22,7 @@ def _int_init(lo, hi):
 
 
 class StandInFeatures(nn.Module):
-  """Conv3x3/2 -> abs (spatial: every other position, 3 channels) -> Dense -> abs (pool) -> Dense."""
+  """Conv3x3/2 -> abs (spatial: every other position, 3 channels) -> Dense -> abs -> Dense."""
 
   @nn.compact
   def __call__(self, images):

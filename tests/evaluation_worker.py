@@ -1,4 +1,4 @@
-"""Run in a subprocess (XLA_FLAGS set by the test before JAX loads): evaluate_samples with the stand-in.
+"""Subprocess (XLA_FLAGS set by the test before JAX loads): the feature pass with the stand-in.
 
 argv: batch_size [port num_processes process_id]. With the last three, joins a
 multi-process JAX run on 127.0.0.1:port (gloo collectives on CPU). Process 0 prints

@@ -197,7 +197,7 @@ def _sq_distances(u: jax.Array, v: jax.Array, dtype: str) -> jax.Array:
 
 
 def _adm_distances(u: jax.Array, v: jax.Array, dtype: str) -> jax.Array:
-  """ADM's DistanceBlock: the float16 block, or the float32 one if any float16 entry is not finite."""
+  """ADM's DistanceBlock: the float16 block, or the float32 one if a float16 entry is not finite."""
   if dtype == "float32":
     return _sq_distances(u, v, "float32")
   d16 = _sq_distances(u, v, "float16")
@@ -219,7 +219,7 @@ def _check_distance(distance: str) -> None:
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _block_smallest(rows, cols, n_cols, best, dtype: str, k1: int):
-  """Merges the ``k1`` smallest distances of ``rows`` to the first ``n_cols`` ``cols`` into ``best``."""
+  """Merges the ``k1`` smallest distances of ``rows`` to the first ``n_cols`` ``cols``."""
   d = _adm_distances(rows, cols, dtype)
   d = jnp.where(jnp.arange(d.shape[1])[None, :] < n_cols, d, jnp.inf)
   cand = jnp.concatenate([best, -jax.lax.top_k(-d, k1)[0]], axis=1)
@@ -228,7 +228,7 @@ def _block_smallest(rows, cols, n_cols, best, dtype: str, k1: int):
 
 @functools.partial(jax.jit, static_argnums=(6,))
 def _block_inside(rows, rows_radii, n_rows, cols, cols_radii, n_cols, dtype: str):
-  """ADM's ``less_thans`` for one block: (row inside some column's ball, column inside some row's)."""
+  """ADM's ``less_thans`` on one block: (row in some column's ball, column in some row's)."""
   d = _adm_distances(rows, cols, dtype)
   row_ok = jnp.arange(d.shape[0]) < n_rows
   col_ok = jnp.arange(d.shape[1]) < n_cols

@@ -123,12 +123,14 @@ class RunningStatistics:
     return self
 
   def _combine(self, n: int, mean: np.ndarray, m2: np.ndarray, total: np.ndarray) -> None:
+    """Chan et al.: M = M_a + M_b + delta delta^T n_a n_b / n (in place: one (D, D) temporary)."""
     if self.count == 0:
-      self.count, self._mean, self._m2, self._sum = n, mean, m2, total
+      self.count, self._mean, self._m2, self._sum = n, mean, m2.copy(), total
       return
     both = self.count + n
     delta = mean - self._mean
-    self._m2 = self._m2 + m2 + np.outer(delta, delta) * (self.count * n / both)
+    self._m2 += m2
+    self._m2 += np.multiply.outer(delta, delta * (self.count * n / both))
     self._mean = self._mean + delta * (n / both)
     self._sum = total
     self.count = both
@@ -677,7 +679,7 @@ def _read_npz_arrays(path: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
 
 
 def read_reference_statistics(path: str) -> ReferenceStatistics:
-  """The precomputed ``mu``/``sigma``/``mu_s``/``sigma_s`` of an ADM reference batch (if any), checked."""
+  """An ADM reference batch's precomputed ``mu``/``sigma``/``mu_s``/``sigma_s`` (if any), checked."""
   arrays = _read_npz_arrays(path, STATS_KEYS)
   ref = ReferenceStatistics(**arrays)
   for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
@@ -737,8 +739,9 @@ def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
       os.remove(tmp)
 
 
-def load_reference(path: str, model, params, *, precision_recall: bool = True, cache: bool = True,
-                   cache_extra: Any = None, log: Log = _print, **pass_kwargs) -> ReferenceStatistics:
+def load_reference(path: str, model, params, *, precision_recall: bool = True,
+                   cache: bool = True, cache_extra: Any = None, log: Log = _print,
+                   **pass_kwargs) -> ReferenceStatistics:
   """An ADM reference batch ``.npz`` as :class:`ReferenceStatistics`.
 
   The file's precomputed ``mu``, ``sigma``, ``mu_s``, ``sigma_s`` are used when
