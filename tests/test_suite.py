@@ -193,9 +193,12 @@ def test_feature_pass_refuses_bad_images(net):
   acc = suite.FeatureAccumulator()
   with pytest.raises(UserError, match="uint8 NHWC"):
     suite.run_feature_pass(model, params, images(0, 4).astype(np.float32), acc, log=None)
-  with pytest.raises(UserError, match="one size"):
-    suite.run_feature_pass(model, params, iter([images(0, 4), images(0, 4, size=6)]), acc,
-                           batch_size=4, log=None)
+  for sizes in ((4, 4), (3, 3)):  # whole batches, and batches regrouped across the size change
+    with pytest.raises(UserError, match="one size"):
+      batches = iter([images(0, sizes[0]), images(0, sizes[1], size=6)])
+      suite.run_feature_pass(model, params, batches, acc, batch_size=4, log=None)
+  with pytest.raises(UserError, match="uint8 NHWC"):
+    suite.run_feature_pass(model, params, iter([images(0, 3)[..., 0]]), acc, log=None)
 
 
 def test_evaluate_samples(net):

@@ -273,7 +273,8 @@ def _put(x: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def host_array(x: jax.Array) -> np.ndarray:
+  """A sharded (possibly multi-host) array as one numpy array on every process."""
   if x.is_fully_addressable:
     return np.asarray(x)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -301,7 +302,7 @@ def manifold_radii(feats, k: int = PR_NEIGHBOURHOOD, *, distance: str = "float16
     for c0 in cols.starts():
       c, nc = cols.get(c0)
       best = _block_smallest(r, c, jnp.int32(nc), best, distance, k + 1)
-    radii[r0:r0 + nr] = _to_host(best)[:nr, k]
+    radii[r0:r0 + nr] = host_array(best)[:nr, k]
   return radii
 
 
@@ -328,8 +329,8 @@ def precision_recall_from_radii(ref_feats, ref_radii, sample_feats, sample_radii
       c, nc = cols.get(c0)
       cr, _ = cols.get(c0, sample_radii)
       r_in, c_in = _block_inside(r, rr, jnp.int32(nr), c, cr, jnp.int32(nc), distance)
-      ref_in[r0:r0 + nr] |= _to_host(r_in)[:nr]
-      sample_in[c0:c0 + nc] |= _to_host(c_in)[:nc]
+      ref_in[r0:r0 + nr] |= host_array(r_in)[:nr]
+      sample_in[c0:c0 + nc] |= host_array(c_in)[:nc]
   return float(np.mean(sample_in.astype(np.float64))), float(np.mean(ref_in.astype(np.float64)))
 
 

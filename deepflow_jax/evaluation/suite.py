@@ -380,8 +380,11 @@ def _batch_rows(images, batch: int) -> Iterator[np.ndarray]:
     return
   pending: list[np.ndarray] = []
   have = 0
+  shape = None
   for b in images:
     b = np.asarray(b)
+    _check_image_batch(b, shape)
+    shape = b.shape[1:]
     while len(b):
       take = min(batch - have, len(b))
       pending.append(b[:take])
@@ -394,20 +397,12 @@ def _batch_rows(images, batch: int) -> Iterator[np.ndarray]:
     yield np.concatenate(pending)
 
 
-def _check_image_batch(b: np.ndarray, first: Optional[np.ndarray]) -> None:
+def _check_image_batch(b: np.ndarray, image_shape: Optional[tuple[int, ...]]) -> None:
   if b.dtype != np.uint8 or b.ndim != 4:
     raise UserError(f"images: expected uint8 NHWC (N, H, W, C) batches, got {b.dtype} {b.shape}")
-  if first is not None and b.shape[1:] != first.shape[1:]:
-    raise UserError(f"images: every image must have one size, got {first.shape[1:]} then "
+  if image_shape is not None and b.shape[1:] != image_shape:
+    raise UserError(f"images: every image must have one size, got {image_shape} then "
                     f"{b.shape[1:]}")
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """A (possibly multi-host) sharded array as one host array on every process."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def global_batch_size(mesh, batch_size: Optional[int] = None,
@@ -478,13 +473,13 @@ def run_feature_pass(model, params, images, accumulator: FeatureAccumulator, *,
   params = jax.device_put(params, NamedSharding(mesh, P()))
   progress = Progress(total, name, "images", log=log) if total else None
   t0, done = time.perf_counter(), 0
-  first = None
+  image_shape = None
   pending = None
 
   def consume(item):
     nonlocal done
     out, count = item
-    accumulator.update({k: _to_host(v)[:count] for k, v in out.items()})
+    accumulator.update({k: metrics.host_array(v)[:count] for k, v in out.items()})
     done += count
     if progress is not None:
       progress.update(count)
@@ -494,8 +489,8 @@ def run_feature_pass(model, params, images, accumulator: FeatureAccumulator, *,
 
   consume.last = t0
   for b in _batch_rows(images, batch):
-    _check_image_batch(b, first)
-    first = b if first is None else first
+    _check_image_batch(b, image_shape)
+    image_shape = b.shape[1:]
     count = len(b)
     if count < batch:  # pad the last batch to the compiled shape; padding rows are dropped
       b = np.concatenate([b, np.zeros((batch - count,) + b.shape[1:], b.dtype)])
@@ -679,7 +674,7 @@ def _read_npz_arrays(path: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
 
 
 def read_reference_statistics(path: str) -> ReferenceStatistics:
-  """An ADM reference batch's precomputed ``mu``/``sigma``/``mu_s``/``sigma_s`` (if any), checked."""
+  """An ADM reference batch's precomputed mu/sigma/mu_s/sigma_s (where present), checked."""
   arrays = _read_npz_arrays(path, STATS_KEYS)
   ref = ReferenceStatistics(**arrays)
   for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
