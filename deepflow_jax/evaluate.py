@@ -143,9 +143,10 @@ def main(argv=None):
          "the sample covariance is singular and FID is biased upwards; compare FIDs only at "
          "equal sample counts (the paper: 50,000 samples vs the 10,000-image reference)")
   pass_kwargs = {"batch_size": a.batch_size, "log": _log}
-  reference = suite.load_reference(
-      a.reference, model, params, cache=not a.no_cache,
-      cache_extra={"preprocessing": a.preprocessing}, **pass_kwargs)
+  # The cache key covers the weights and the model's settings (its preprocessing included),
+  # so library callers with the same network share the cache.
+  reference = suite.load_reference(a.reference, model, params, cache=not a.no_cache,
+                                   **pass_kwargs)
   suite.check_reference_dims(reference, dims, a.reference)
   res = suite.evaluate_samples(model, params, samples, reference, distance=a.distance,
                                **pass_kwargs)

@@ -3,7 +3,7 @@
 Every function reproduces the arithmetic of the evaluator the DeepFlow paper's
 numbers come from (the ADM / guided-diffusion ``evaluator.py``), including its
 dtypes and its corner cases, so that the same activations give the same
-numbers (``docs/evaluation.md`` states the protocol):
+numbers:
 
 * :func:`activation_statistics`: ``mu`` is the mean in the activations' dtype
   (float32 for float32 activations), ``sigma`` is ``np.cov`` (float64, ddof 1).
