@@ -25,7 +25,6 @@ Exit status 0 on success, 2 on bad input (one ``error:`` line naming the file).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,7 +33,7 @@ import time
 
 import jax
 
-from deepflow_jax.errors import UserError, cli_main
+from deepflow_jax.errors import ArgumentParser, UserError, cli_main
 from deepflow_jax.evaluation import metrics
 from deepflow_jax.evaluation import suite
 
@@ -44,8 +43,7 @@ _FEATURE_DIM_HINT = 2048
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m deepflow_jax.evaluate", description=__doc__.split(
-      "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = ArgumentParser(prog="python -m deepflow_jax.evaluate", description=__doc__.split("\n\n")[0])
   p.add_argument("--samples", required=True, help="ADM-format .npz of samples (arr_0 uint8 NHWC)")
   p.add_argument("--reference", required=True,
                  help="ADM reference batch .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s)")

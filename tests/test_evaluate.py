@@ -155,6 +155,14 @@ def test_bad_inputs(files, capsys, case):
   assert not os.path.exists(files["out"])
 
 
+def test_missing_flag_is_one_line(capsys):
+  with pytest.raises(SystemExit) as e:
+    evaluate.main(["--samples=x.npz"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+  assert "--reference" in err[0] and "--inception" in err[0]
+
+
 def test_bad_input_subprocess_has_no_traceback(files):
   """Through the real entry point: status 2, a single stderr line, nothing written."""
   for s, w, named in (("few", "garbage_pth", "few"), ("good", "garbage_pth", "garbage_pth")):
