@@ -7,12 +7,14 @@ names them.
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 
 import ml_collections
 
 import deepflow_jax.configs as configs_pkg
+from deepflow_jax import sampling
 
 from deepflow_jax.errors import UserError
 from deepflow_jax.models.deepflow import DTYPES
@@ -82,14 +84,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.init_weights = "ema"  # which weights of init_from: converted dirs hold one set
   c.train.debug_sigkill_at_step = -1  # testing aid: SIGKILL itself after this step
 
+  # The input pipeline's own keys (deepflow_jax.data.pipeline, whose
+  # default_config() is this block with name unset); None = placeholder, typed
+  # so that command-line overrides type-check.
+  placeholder = ml_collections.config_dict.placeholder
   c.data = ml_collections.ConfigDict()
   c.data.name = "repa"  # "digits" | "repa" | "arrayrecord"
-  c.data.path = ""
-  c.data.image_size = 32  # digits only
-  c.data.num_classes = 1000
-  c.data.num_threads = 4
-  c.data.prefetch = 2
-  c.data.latent_scale = 0.18215
+  c.data.path = ""  # dataset root (repa, arrayrecord)
+  c.data.image_size = 8  # digits only: side length (8 = native)
+  c.data.split = "train"  # digits only: "train" | "heldout"
+  c.data.heldout_fraction = 0.2  # digits only
+  c.data.split_seed = 0  # digits only
+  c.data.num_classes = placeholder(int)  # None: the dataset's (metadata / max label + 1)
+  c.data.latent_shape = placeholder(tuple)  # (h, w, c); None: the dataset's
+  c.data.missing_labels = "error"  # repa with "labels": null: "error" | "zero"
+  c.data.latent_scale = placeholder(float)  # None: the dataset's record, else 0.18215
+  c.data.vae_downsampling = placeholder(int)  # None: the dataset's record, else 8
+  c.data.shuffle = True
+  c.data.num_epochs = placeholder(int)  # None: repeat forever
+  c.data.include_index = False  # batches also hold each example's source index
+  c.data.num_workers = placeholder(int)  # None: pipeline.default_parallelism (cores, source)
+  c.data.num_threads = placeholder(int)  # reading threads per process/worker; None: same
+  c.data.prefetch_batches = placeholder(int)  # batches read ahead; None: 2 x readers
 
   c.mesh = ml_collections.ConfigDict()
   # Mesh axes in order; -1 takes the remaining devices.
@@ -177,11 +193,23 @@ def sit_baseline(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return config
 
 
+def _all_keys(node, path="") -> list[str]:
+  out = []
+  for k in node.keys():
+    if isinstance(node[k], ml_collections.ConfigDict):
+      out += _all_keys(node[k], f"{path}{k}.")
+    else:
+      out.append(f"{path}{k}")
+  return out
+
+
 def _known(node, ref, path=""):
   for k in node.keys():
     full = f"{path}{k}"
     if k not in ref:
-      raise UserError(f"unknown config key {full!r}")
+      near = difflib.get_close_matches(full, _all_keys(base_config()), n=1)
+      hint = f" (did you mean {near[0]}?)" if near else ""
+      raise UserError(f"unknown config key {full!r}{hint}")
     if isinstance(node[k], ml_collections.ConfigDict):
       _known(node[k], ref[k], full + ".")
 
@@ -200,12 +228,17 @@ def validate(config) -> None:
   """Refuses unknown or inconsistent values, naming them."""
   _known(config, base_config())
   m = config.model
+  try:
+    idxs = [int(i) for i in m.df_idxs]
+    weights = [float(w) for w in config.loss.scale_weight]
+  except (TypeError, ValueError):
+    raise UserError(f"invalid config: model.df_idxs={m.df_idxs!r} and loss.scale_weight="
+                    f"{config.loss.scale_weight!r} must be tuples of numbers, e.g. "
+                    "--config.model.df_idxs='(8, 16)'") from None
   problems = architecture_problems(m, prefix="model.")
-  idxs = [int(i) for i in m.df_idxs]
-  if len(config.loss.scale_weight) != len(idxs) + 1:
-    problems.append(f"loss.scale_weight={tuple(config.loss.scale_weight)} has "
-                    f"{len(config.loss.scale_weight)} weights but model.df_idxs={idxs} makes "
-                    f"{len(idxs) + 1} branches")
+  if len(weights) != len(idxs) + 1:
+    problems.append(f"loss.scale_weight={tuple(weights)} has {len(weights)} weights but "
+                    f"model.df_idxs={idxs} makes {len(idxs) + 1} branches")
   for key, allowed in (("model.dtype", ("auto",) + tuple(_DTYPES)),
                        ("model.param_dtype", tuple(_DTYPES)),
                        ("model.attention_impl", ("", "xla", "cudnn")),
@@ -225,8 +258,29 @@ def validate(config) -> None:
     problems.append(f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1")
   if not 0 <= t.ema_decay < 1:
     problems.append(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
-  if t.num_steps < 0:
-    problems.append(f"train.num_steps={t.num_steps} must be >= 0")
+  for key, lo in (("train.num_steps", 0), ("train.log_every", 1), ("train.ckpt_every", 1),
+                  ("train.keep_ckpts", 1), ("train.sample_every", 0), ("optim.warmup_steps", 0),
+                  ("sample.grid_per_class", 1), ("sample.grid_classes", 0),
+                  ("eval.num_samples", 0), ("eval.batch_size", 1)):
+    sec, name = key.split(".")
+    if config[sec][name] < lo:
+      problems.append(f"{key}={config[sec][name]} must be >= {lo}")
+  for key in ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "loss.beta",
+              "loss.acc_coeff", "loss.proj_coeff"):
+    sec, name = key.split(".")
+    if not config[sec][name] >= 0:  # also refuses NaN
+      problems.append(f"{key}={config[sec][name]} must be >= 0")
+  o = config.optim
+  if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1 and o.eps > 0):
+    problems.append(f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1) and optim.eps={o.eps} "
+                    "> 0")
+  if any(not w >= 0 for w in weights):
+    problems.append(f"loss.scale_weight={tuple(weights)} must be non-negative")
+  s = config.sample
+  if s.sampler in sampling.SAMPLERS:
+    problems += sampling.step_problems(s.sampler, s.num_steps, flag="sample.num_steps")
+  problems += sampling.guidance_problems(s.cfg_scale, s.guidance_low, s.guidance_high,
+                                         prefix="sample.")
   if config.data.name in ("repa", "arrayrecord") and not config.data.path:
     problems.append(f"data.path is required for data.name={config.data.name!r}")
   if config.data.name == "digits":
