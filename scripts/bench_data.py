@@ -167,11 +167,10 @@ def main(argv):
   info = source.info
   local = int(t.global_batch_size) // FLAGS.process_count
   cfg = pipeline._config_dict(config.data)  # pylint: disable=protected-access
+  option = lambda key: pipeline._int_option(cfg, key)  # pylint: disable=protected-access
   par = pipeline.default_parallelism(
-      info.name, pipeline.available_cores(),
-      num_workers=pipeline._int_option(cfg, "num_workers"),  # pylint: disable=protected-access
-      num_threads=pipeline._int_option(cfg, "num_threads"),  # pylint: disable=protected-access
-      prefetch_batches=pipeline._int_option(cfg, "prefetch_batches"))  # pylint: disable=protected-access
+      info.name, pipeline.available_cores(), num_workers=option("num_workers"),
+      num_threads=option("num_threads"), prefetch_batches=option("prefetch_batches"))
   # The index batches the iterator reads (same construction as make_train_iterator).
   index_batches = pipeline.build_dataset(
       source, batch_size=local, process_index=0, process_count=FLAGS.process_count,

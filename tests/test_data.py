@@ -570,3 +570,25 @@ def test_latent_scale_and_vae_downsampling_from_the_dataset_else_config(tmp_path
   with pytest.raises(UserError, match="data.latent_scale must be a positive number"):
     pipeline.dataset_info({"name": "repa", "path": os.fspath(tmp_path / "repa"),
                            "latent_scale": -1.0})
+
+
+def test_config_data_is_the_pipeline_schema():
+  from deepflow_jax import config_lib
+  data = config_lib.base_config().data
+  want = pipeline.default_config()
+  assert sorted(data.keys()) == sorted(want.keys()) == sorted(pipeline.KNOWN_KEYS)
+  for k in want.keys():
+    if k != "name":  # the base config picks "repa"; the pipeline requires one
+      assert data[k] == want[k], k
+  data.num_workers = 4  # placeholders keep their type: overrides are type-checked
+  data.latent_shape = (32, 32, 4)
+  with pytest.raises(TypeError):
+    data.num_workers = "four"
+  with pytest.raises(TypeError):
+    data.latent_scale = "big"
+  # make_source / make_train_iterator take config.data itself.
+  c = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py"))
+  assert pipeline.make_source(c.data).info.shape == (8, 8, 1)
+  b = next(pipeline.make_train_iterator(c.data, global_batch_size=8, process_index=0,
+                                        process_count=1, seed=0))
+  assert b["image"].shape == (8, 8, 8, 1) and sorted(b) == ["image", "label"]

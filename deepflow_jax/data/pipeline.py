@@ -71,12 +71,13 @@ call ``source.read_batch(indices)`` that reads, decodes, checks (one finiteness
 check per batch) and stacks them (REPA: whole files read and, when their
 ``.npy`` header is byte-identical to the first file's, decoded without parsing
 it again, then one CHW -> HWC transpose per batch; ArrayRecord: one batched
-read of the records, each decoded straight into the stacked arrays). Batches are read ahead by ``num_threads`` threads
-(``prefetch_batches`` in flight), optionally inside ``num_workers`` worker
-processes (grain's ``mp_prefetch``: worker ``i`` reads batches ``i, i + W, ...``
-and the batches are interleaved back in order). The batch stream is therefore
-the same, batch for batch and row for row, whatever ``num_threads`` and
-``num_workers`` are; only the speed changes.
+read of the records, each decoded straight into the stacked arrays). Batches
+are read ahead by ``num_threads`` threads (``prefetch_batches`` in flight),
+optionally inside ``num_workers`` worker processes (grain's ``mp_prefetch``:
+worker ``i`` reads batches ``i, i + W, ...`` and the batches are interleaved
+back in order). The batch stream is therefore the same, batch for batch and
+row for row, whatever ``num_threads`` and ``num_workers`` are; only the speed
+changes.
 
 Parallelism defaults (:func:`default_parallelism`): a pure function of the
 source kind and the number of cores this process may use
@@ -110,7 +111,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple
 
 import grain
 import ml_collections
@@ -162,7 +163,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 _DEFAULTS = default_config().to_dict()
 KNOWN_KEYS = tuple(_DEFAULTS)
-_TRANSITIONAL = {"prefetch_buffer_size": None}  # TODO(data schema): main._data_config still passes it
+# TODO(data schema): remove with train_loop._data_config, which still passes this (as None).
+_TRANSITIONAL = {"prefetch_buffer_size": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -837,13 +839,15 @@ class BatchIterator(grain.DatasetIterator):
       ds = self._batches[self._start:] if self._start else self._batches
       if w:
         per_worker = max(1, -(-p // w))
-        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=t, prefetch_buffer_size=per_worker if t else 0))
+        it_ds = ds.to_iter_dataset(grain.ReadOptions(
+            num_threads=t, prefetch_buffer_size=per_worker if t else 0))
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults suffice)
           flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=w, per_worker_buffer_size=per_worker))
       else:
-        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=t, prefetch_buffer_size=p if t else 0))
+        it_ds = ds.to_iter_dataset(grain.ReadOptions(
+            num_threads=t, prefetch_buffer_size=p if t else 0))
       self._it = iter(it_ds)
     return self._it
 
