@@ -33,7 +33,7 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
-        create=True,
+        create=False,  # the directory appears with the first save, not before
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
     )

@@ -10,7 +10,8 @@
 
 The batch is either pixels ``{"image", "label"}`` or stored VAE moments
 ``{"mean", "std", "label"}``; for the latter the step draws
-``z = (mean + std * eps) * latent_scale`` with its own RNG.
+``z = (mean + std * eps) * latent_scale`` with its own RNG (``latent_scale`` from the
+dataset's metadata, ``data.pipeline.DatasetInfo.latent_scale``).
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ class Trainer:
   model: DeepFlow
   mesh: Any
   latent: bool  # batches hold VAE moments (True) or pixels (False)
+  latent_scale: float = 0.18215  # z = (mean + std * eps) * latent_scale (the dataset's)
 
   def __post_init__(self):
     self.tx = make_optimizer(self.config)
@@ -147,7 +149,7 @@ class Trainer:
   def _x0(self, batch, key):
     if self.latent:
       eps = jax.random.normal(key, batch["mean"].shape, jnp.float32)
-      return (batch["mean"] + batch["std"] * eps) * float(self.config.data.latent_scale)
+      return (batch["mean"] + batch["std"] * eps) * float(self.latent_scale)
     return batch["image"].astype(jnp.float32)
 
   def _loss(self, params, batch, key):

@@ -44,6 +44,7 @@ from deepflow_jax.data import pipeline
 from deepflow_jax.errors import UserError
 from deepflow_jax.evaluation import digits as digits_eval
 from deepflow_jax.metric_writer import MetricWriter
+from deepflow_jax.models.loading import is_converted_dir
 from deepflow_jax.models.loading import load_converted
 from deepflow_jax.models.loading import model_from_config
 from deepflow_jax.progress import format_duration
@@ -71,19 +72,6 @@ def write_config(workdir: str, config) -> None:
   with open(path + ".tmp", "w") as f:
     f.write(text)
   os.replace(path + ".tmp", path)
-
-
-def _data_config(config) -> dict[str, Any]:
-  d = config.data
-  out = {"name": d.name}
-  if d.name == "digits":
-    out["image_size"] = int(d.image_size)
-  else:
-    out["path"] = d.path
-    out["num_classes"] = int(d.num_classes)
-  out["num_threads"] = int(d.num_threads)
-  out["prefetch_buffer_size"] = None
-  return out
 
 
 def check_data_matches_model(info, model) -> None:
@@ -120,24 +108,29 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
   if log is None:
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
   workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir}: exists and is not a directory")
+  t = config.train
+  if t.init_from and not is_converted_dir(t.init_from):
+    raise UserError(f"train.init_from={t.init_from!r}: not a converted checkpoint directory "
+                    "(python -m deepflow_jax.convert writes one)")
+  if config.sample.vae and not os.path.exists(config.sample.vae):
+    raise UserError(f"sample.vae={config.sample.vae!r}: no such VAE folder")
   platform = jax.default_backend()
   mesh = shd.make_mesh(config)
-  model = model_from_config(config, platform)
-  source = pipeline.make_source(_data_config(config))  # once: the REPA layout walks its folder
+  model = model_from_config(config, platform, log=log)
+  source = pipeline.make_source(config.data)  # built once: the REPA layout walks its folder
   info = source.info
   check_data_matches_model(info, model)
-  t = config.train
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    write_config(workdir, config)
   log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({platform}), "
       f"processes: {nproc}, mesh: {dict(mesh.shape)}; data: {info.name} "
       f"({info.num_examples:,} examples of {tuple(info.shape)}); compute dtype "
       f"{np.dtype(model.dtype).name}")
 
-  trainer = train_lib.Trainer(config, model, mesh, latent=info.is_latent)
-  ckpt = Checkpointer(workdir, keep=int(t.keep_ckpts))
-  data_it = pipeline.make_train_iterator(_data_config(config), global_batch_size=int(t.global_batch_size),
+  trainer = train_lib.Trainer(config, model, mesh, latent=info.is_latent,
+                              latent_scale=info.latent_scale)
+  ckpt = Checkpointer(workdir, keep=int(t.keep_ckpts))  # creates nothing until the first save
+  data_it = pipeline.make_train_iterator(config.data, global_batch_size=int(t.global_batch_size),
                                          process_index=pid, process_count=nproc,
                                          seed=int(t.seed), source=source)
   restored = ckpt.restore_latest(trainer.abstract_state)
@@ -153,7 +146,10 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
   else:
     state = trainer.init_state(int(t.seed))
     step = 0
+  # Everything the run needs is in hand: only now is anything written into the workdir.
   if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    write_config(workdir, config)
     _log_parameters(state.params, workdir, log)
 
   writer = MetricWriter(os.path.join(workdir, "tb"), enabled=is_main)
@@ -162,6 +158,7 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
   num_steps = int(t.num_steps)
   sample_every = int(t.sample_every)
   vae = None
+  signals = StopRequests()
 
   def sample_grid(at_step):
     nonlocal vae
@@ -174,7 +171,7 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
         f"({s.sampler}, {int(s.num_steps)} steps)")
     x = sampling.sample_many(model, state.ema_params, labels, seed=int(t.seed) + 1,
                              per_device_batch=-(-len(labels) // mesh.size), mesh=mesh,
-                             **sample_kwargs(config))
+                             should_stop=lambda: signals.requested, **sample_kwargs(config))
     if not is_main:
       return
     if info.is_latent and not s.vae:
@@ -186,14 +183,13 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
       vae = vae_lib.load_diffusers_vae(s.vae)
     path = os.path.join(workdir, "samples", f"grid_{at_step:08d}.png")
     images_lib.save_grid(
-        images_lib.decode(x, vae, latent_scale=float(config.data.latent_scale)), rows, path)
+        images_lib.decode(x, vae, latent_scale=info.latent_scale), rows, path)
     log(f"[samples] wrote {path}")
 
-  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   last_log_time, last_log_step, data_wait = time.perf_counter(), step, 0.0
   start_time, start_step = last_log_time, step
   last_saved = step if restored is not None else -1
-  with StopRequests() as signals:
+  with signals:
     try:
       while step < num_steps:
         t0 = time.perf_counter()
@@ -245,12 +241,18 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
       if last_saved != step:
         ckpt.save(step, state, data_it.get_state(), force=True)
       ckpt.close()
-      sample_grid(step)
-      if int(config.eval.num_samples) > 0 and info.name == "digits":
-        metrics = _evaluate_digits(model, state.ema_params, config, workdir, writer, step, mesh,
-                                   is_main, log)
-        yield {"step": step, **{f"eval/{k}": v for k, v in metrics.items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+      log(f"[train] {step} steps done; final checkpoint in {ckpt.directory}")
+      try:
+        sample_grid(step)
+        if int(config.eval.num_samples) > 0 and info.name == "digits":
+          metrics = _evaluate_digits(model, state.ema_params, config, workdir, writer, step, mesh,
+                                     is_main, log, should_stop=lambda: signals.requested)
+          yield {"step": step, **{f"eval/{k}": v for k, v in metrics.items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+      except sampling.StopSampling:
+        log(signals.message("train", "end-of-run sampling/evaluation stopped; the final "
+                            "checkpoint is saved, rerun the same command to redo them"))
+        return signals.exit_status
       log(f"done: {step} steps in {workdir}")
       return 0
     finally:
@@ -290,7 +292,8 @@ def _log_parameters(params, workdir: str, log) -> None:
   os.replace(path + ".tmp", path)
 
 
-def _evaluate_digits(model, params, config, workdir, writer, step, mesh, is_main, log) -> dict:
+def _evaluate_digits(model, params, config, workdir, writer, step, mesh, is_main, log,
+                     should_stop=None) -> dict:
   """Class accuracy and Fréchet distance of generated digits -> eval/metrics.json."""
   n = int(config.eval.num_samples)
   log(f"[eval] scoring {n} generated digits (sampler {config.sample.sampler}, "
@@ -299,7 +302,7 @@ def _evaluate_digits(model, params, config, workdir, writer, step, mesh, is_main
   cache = os.path.join(workdir, "eval", "classifier.msgpack")
   metrics, images, labels = digits_eval.sample_and_evaluate(
       model, params, num_samples=n, seed=int(config.train.seed) + 2, per_device_batch=per_device,
-      cache_path=cache, mesh=mesh, **sample_kwargs(config))
+      cache_path=cache, mesh=mesh, should_stop=should_stop, **sample_kwargs(config))
   if not is_main:
     return metrics
   s = config.sample

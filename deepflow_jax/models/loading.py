@@ -64,13 +64,44 @@ def compute_dtype(config, platform: str):
   return DTYPES[name]
 
 
-def model_from_config(config, platform: str = "cpu") -> DeepFlow:
-  """The ``DeepFlow`` that ``config.model`` describes, with its compute and parameter dtypes."""
+def _cudnn_attention_works(dtype) -> bool:
+  """Whether cuDNN's fused attention runs here for ``dtype`` (a tiny jitted probe)."""
+  try:
+    q = jnp.zeros((1, 128, 2, 64), dtype)
+    jax.block_until_ready(jax.jit(
+        lambda a: jax.nn.dot_product_attention(a, a, a, implementation="cudnn"))(q))
+    return True
+  except Exception:  # pylint: disable=broad-except  # no cuDNN, unsupported dtype/shape, ...
+    return False
+
+
+def attention_implementation(requested: str, platform: str, dtype,
+                             log: Callable[[str], None] = print) -> Optional[str]:
+  """The attention kernel to use: ``requested`` if it works on this backend, else XLA's.
+
+  ``""`` (auto) picks cuDNN's fused attention on NVIDIA GPUs when it runs for the
+  compute dtype (bf16/fp16), XLA's otherwise; ``"cudnn"`` where it does not run
+  falls back to XLA with a one-line warning; ``"xla"`` is always XLA's.
+  """
+  if requested == "xla":
+    return "xla"
+  works = platform == "gpu" and _cudnn_attention_works(dtype)
+  if requested == "cudnn" and not works:
+    log(f"warning: model.attention_impl='cudnn' does not run on this backend ({platform}, "
+        f"{np.dtype(dtype).name}); using XLA attention")
+  return "cudnn" if works else None
+
+
+def model_from_config(config, platform: str = "cpu",
+                      log: Callable[[str], None] = print) -> DeepFlow:
+  """The ``DeepFlow`` that ``config.model`` describes, with its dtypes and attention kernel."""
   m = config.model
   kw = {f: m[f] for f in ARCH_FIELDS}
   kw["df_idxs"] = tuple(int(i) for i in m.df_idxs)
-  return DeepFlow(**kw, attention_impl=m.attention_impl or None,
-                  dtype=compute_dtype(config, platform), param_dtype=DTYPES[m.param_dtype])
+  dtype = compute_dtype(config, platform)
+  return DeepFlow(**kw, attention_impl=attention_implementation(m.attention_impl, platform, dtype,
+                                                                log),
+                  dtype=dtype, param_dtype=DTYPES[m.param_dtype])
 
 
 def model_to_dict(model: DeepFlow) -> dict[str, Any]:
