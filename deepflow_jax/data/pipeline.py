@@ -862,10 +862,12 @@ class BatchIterator(grain.DatasetIterator):
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     n = state.get("next_index") if isinstance(state, Mapping) else None
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n % self._batch_size:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 or (
+        n % self._batch_size):
       raise UserError(f"data iterator state {state!r}: expected {{'next_index': a multiple of "
                       f"the per-process batch size {self._batch_size}}} (was the checkpoint "
                       "written with another batch size or process count?)")
+    n = int(n)
     if n // self._batch_size > len(self._batches):
       raise UserError(f"data iterator state {state!r}: beyond the end of the data "
                       f"({len(self._batches)} batches)")
