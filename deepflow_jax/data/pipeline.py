@@ -163,8 +163,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 _DEFAULTS = default_config().to_dict()
 KNOWN_KEYS = tuple(_DEFAULTS)
-# TODO(data schema): remove with train_loop._data_config, which still passes this (as None).
-_TRANSITIONAL = {"prefetch_buffer_size": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +206,6 @@ def _config_dict(data_config) -> dict[str, Any]:
     data_config = data_config.to_dict()
   if not isinstance(data_config, Mapping):
     raise UserError(f"data config must be a dict or ConfigDict, got {type(data_config).__name__}")
-  data_config = {k: v for k, v in data_config.items()
-                 if not (k in _TRANSITIONAL and v is None)}
   unknown = sorted(set(data_config) - set(_DEFAULTS))
   if unknown:
     raise UserError(f"unknown data config key(s) {unknown}; known: {list(KNOWN_KEYS)}")
