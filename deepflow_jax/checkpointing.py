@@ -15,6 +15,7 @@ checkpoint, with a warning naming the bad one, when the newest cannot be read.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Optional
 
@@ -90,6 +91,18 @@ class Checkpointer:
     self.manager.reload()
 
   def _restore_newest(self, abstract_state, bad):
+    # A failed restore leaves Orbax's pending async reads to die with the event loop, each
+    # logging an "Event loop is closed" traceback through asyncio's logger; the one
+    # warning line below says what happened.
+    asyncio_log = logging.getLogger("asyncio")
+    level = asyncio_log.level
+    asyncio_log.setLevel(logging.CRITICAL)
+    try:
+      return self._try_steps(abstract_state, bad)
+    finally:
+      asyncio_log.setLevel(level)
+
+  def _try_steps(self, abstract_state, bad):
     for step in reversed(self.all_steps()):
       try:
         restored = self.manager.restore(
