@@ -36,6 +36,7 @@ from flax import serialization
 
 from deepflow_jax import sampling
 from deepflow_jax.data import digits as digits_lib
+from deepflow_jax.evaluation import metrics
 from deepflow_jax.errors import UserError
 
 FEATURE_DIM = 128
@@ -214,35 +215,6 @@ def classify(model: DigitsClassifier, params, images, *,
           np.concatenate(feats).astype(np.float32))
 
 
-def _sqrt_psd(m: np.ndarray) -> np.ndarray:
-  w, v = np.linalg.eigh(m)
-  return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-  """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2).
-
-  ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))``.
-  The trace term is computed as ``tr((A sigma2 A)^(1/2))`` with ``A =
-  sigma1^(1/2)``: ``A sigma2 A`` is symmetric PSD and similar to ``sigma1
-  sigma2``, so both square roots come from ``numpy.linalg.eigh`` (float64,
-  negative round-off eigenvalues clipped to 0). This avoids ``scipy.linalg.sqrtm``
-  of a non-symmetric product and therefore never produces the small imaginary
-  parts that the usual FID code has to discard; singular covariances (more
-  dimensions than samples, dead ReLU features) are fine. The result is clipped
-  at 0.
-  """
-  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-  s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-  if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-    raise ValueError(f"mismatched statistics: {mu1.shape}, {mu2.shape}, {s1.shape}, {s2.shape}")
-  a = _sqrt_psd((s1 + s1.T) / 2)
-  m = a @ ((s2 + s2.T) / 2) @ a
-  tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
-  diff = mu1 - mu2
-  return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean, 0.0))
-
-
 def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
   """Mean and (unbiased, ``ddof=1``) covariance of (N, D) features, float64."""
   feats = np.asarray(feats, np.float64)
@@ -254,13 +226,14 @@ def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(feats_a, feats_b) -> float:
   """Frechet (FID-formula) distance between two (N, D) feature sets.
 
-  Gaussians fitted by mean and ``ddof=1`` covariance, then
-  :func:`frechet_distance_from_stats`. Identical sets give ~0 (to float64
-  round-off); sets differing by a constant shift ``d`` give ``|d|^2``.
+  Gaussians fitted by mean and ``ddof=1`` covariance (float64), then the ADM
+  evaluator's formula, ``deepflow_jax.evaluation.metrics.frechet_distance``
+  (the same arithmetic as the FID numbers). Identical sets give ~0 (to float64
+  round-off, either sign); sets differing by a constant shift ``d`` give ``|d|^2``.
   """
   mu_a, s_a = feature_stats(feats_a)
   mu_b, s_b = feature_stats(feats_b)
-  return frechet_distance_from_stats(mu_a, s_a, mu_b, s_b)
+  return metrics.frechet_distance(mu_a, s_a, mu_b, s_b)
 
 
 def evaluate_generated(images, labels, heldout_images, *, model: DigitsClassifier | None = None,
