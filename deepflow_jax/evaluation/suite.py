@@ -46,7 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from deepflow_jax import outputs
 from deepflow_jax.errors import UserError, first_line
+from deepflow_jax.evaluation import inception as inception_lib
 from deepflow_jax.evaluation import metrics
 from deepflow_jax.progress import Progress, format_duration
 from deepflow_jax.sharding import data_mesh
@@ -654,16 +656,6 @@ def evaluate_samples(model, params, samples, reference: ReferenceStatistics, *,
 # ---------------------------------------------------------------------------
 
 
-def params_digest(params) -> str:
-  """sha256 over the parameter tree's paths, dtypes, shapes and bytes (16 hex digits)."""
-  h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    a = np.asarray(leaf)
-    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  return h.hexdigest()[:16]
-
-
 def _read_npz_arrays(path: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
   keys = [k for k in keys if k in npz_keys(path)]
   try:
@@ -718,20 +710,16 @@ def reference_cache_key(path: str, params, model=None, extra: Any = None) -> str
   """What cached reference features depend on: the file (size, mtime) and the network."""
   st = os.stat(path)
   desc = {"version": _CACHE_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-          "params": params_digest(params), "model": repr(model) if model is not None else None,
+          "params": outputs.tree_digest(params), "model": repr(model) if model is not None else None,
           "extra": extra}
   return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
+  def write(tmp):
     with open(tmp, "wb") as f:
       np.savez(f, **arrays)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  outputs.atomic_write(path, write)
 
 
 def load_reference(path: str, model, params, *, precision_recall: bool = True,
@@ -784,3 +772,89 @@ def load_reference(path: str, model, params, *, precision_recall: bool = True,
   if need_pool:
     ref.pool = computed.pool
   return ref
+
+
+# ---------------------------------------------------------------------------
+# Sample files against a reference file: what `evaluate` and `generate` run.
+# ---------------------------------------------------------------------------
+
+PREPROCESSINGS = ("adm", "pytorch_fid")
+FEATURE_DIM = 2048  # a covariance from fewer samples is singular
+
+
+def check_inputs(samples: str, reference: str, inception: str) -> NpzArray:
+  """Checks the three files before anything runs; returns the samples' ``arr_0``."""
+  min_samples = metrics.PR_NEIGHBOURHOOD + 1
+  images = open_image_batch(
+      samples, min_images=min_samples,
+      why=f"the statistics need >= 2 and precision/recall >= {min_samples} (k = "
+          f"{metrics.PR_NEIGHBOURHOOD} neighbours); the paper's protocol uses 50,000")
+  check_reference(reference)
+  if not os.path.isfile(inception):
+    raise UserError(f"--inception={inception}: no such file (expected pytorch-fid's "
+                    "pt_inception-2015-12-05-6726825d.pth or classify_image_graph_def.pb)")
+  return images
+
+
+def evaluate_files(samples: str, reference: str, inception: str, *,
+                   preprocessing: str = "adm", distance: str = "float16",
+                   batch_size: Optional[int] = None, cache: bool = True,
+                   log: Log = _print) -> dict[str, Any]:
+  """The ADM suite's metrics of an ADM-format sample ``.npz`` against a reference ``.npz``.
+
+  ``inception`` is pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` or the
+  TF graph ``classify_image_graph_def.pb``. Returns the metrics of
+  :func:`evaluate_samples` plus ``settings`` (files, preprocessing, distance,
+  reference size), ready to be written as JSON.
+  """
+  log = _log_fn(log)
+  images = check_inputs(samples, reference, inception)
+  if preprocessing not in PREPROCESSINGS:
+    raise UserError(f"preprocessing must be one of {PREPROCESSINGS}, got {preprocessing!r}")
+  model, params = inception_lib.load_fid_inception(inception, preprocessing=preprocessing)
+  dims = feature_dims(model, params, images.shape[1:])
+  t0 = time.perf_counter()
+  log(f"[evaluate] {len(images):,} samples {images.shape[1:]} from {samples} vs {reference}; "
+      f"{jax.device_count()} devices, preprocessing {preprocessing}")
+  if len(images) < FEATURE_DIM:
+    log(f"[evaluate] note: {len(images):,} samples < {FEATURE_DIM:,} feature dimensions: the "
+        "sample covariance is singular and FID is biased upwards; compare FIDs only at equal "
+        "sample counts (the paper: 50,000 samples vs the 10,000-image reference)")
+  ref = load_reference(reference, model, params, cache=cache, batch_size=batch_size, log=log)
+  check_reference_dims(ref, dims, reference)
+  res = evaluate_samples(model, params, images, ref, distance=distance, batch_size=batch_size,
+                         log=log)
+  log(f"[evaluate] done in {format_duration(time.perf_counter() - t0)}")
+  res["settings"] = {
+      "samples": os.path.abspath(samples), "reference": os.path.abspath(reference),
+      "inception": os.path.abspath(inception), "preprocessing": preprocessing,
+      "distance": distance, "reference_images": ref.num_images,
+      "is_split_size": metrics.IS_SPLIT_SIZE, "pr_k": metrics.PR_NEIGHBOURHOOD}
+  return res
+
+
+def format_table(res: dict) -> str:
+  """The metrics as a two-column text table (``-`` where a metric was not computed)."""
+  rows = [("FID", res["fid"]), ("sFID", res["sfid"]), ("Inception Score", res["inception_score"]),
+          ("Precision", res["precision"]), ("Recall", res["recall"]),
+          ("samples", res["num_samples"])]
+  lines = [f"{'metric':<16} {'value':>12}", f"{'-' * 16} {'-' * 12}"]
+  for name, v in rows:
+    if v is None:
+      text = "-"
+    elif isinstance(v, int):
+      text = f"{v:,}"
+    else:
+      text = f"{v:.4f}"
+    lines.append(f"{name:<16} {text:>12}")
+  return "\n".join(lines)
+
+
+def write_metrics_json(path: str, res: dict) -> None:
+  """Writes the metrics as strict JSON atomically (a NaN, e.g. an undefined IS, becomes null)."""
+  def clean(v):
+    if isinstance(v, float) and not np.isfinite(v):
+      return None
+    return {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else v
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  outputs.atomic_write_json(path, clean(res))
