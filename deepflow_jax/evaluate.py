@@ -25,7 +25,6 @@ Exit status 0 on success, 2 on bad input (one ``error:`` line naming the file).
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
@@ -54,17 +53,6 @@ def _parser() -> ArgumentParser:
   return p
 
 
-def check_output(path: str | None, flag: str = "--output") -> None:
-  """Refuses an output path that cannot be a JSON file, before any work."""
-  if path is None:
-    return
-  if os.path.isdir(path):
-    raise UserError(f"{flag}={path}: is a directory, expected a .json file path")
-  parent = os.path.dirname(os.path.abspath(path))
-  if os.path.exists(parent) and not os.path.isdir(parent):
-    raise UserError(f"{flag}={path}: {parent} is not a directory")
-
-
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
@@ -73,7 +61,7 @@ def _log(msg: str) -> None:
 @cli_main
 def main(argv=None):
   a = _parser().parse_args(argv)
-  check_output(a.output)
+  suite.check_output_path(a.output)
   if a.batch_size is not None and a.batch_size < 1:
     raise UserError(f"--batch_size must be >= 1, got {a.batch_size}")
   res = suite.evaluate_files(a.samples, a.reference, a.inception, preprocessing=a.preprocessing,

@@ -16,22 +16,27 @@ SIGTERM / SIGINT (finished batches kept; rerun to resume).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+import jax
 
 from deepflow_jax import sampling
 from deepflow_jax import vae as vae_lib
+from deepflow_jax.errors import ArgumentParser
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import cli_main
+from deepflow_jax.evaluation import suite
 from deepflow_jax.generation import GenerationSettings
 from deepflow_jax.generation import generate_to_folder
 from deepflow_jax.models.loading import SAMPLING_DTYPES
 from deepflow_jax.models.loading import load_model
+from deepflow_jax.signals import StopRequests
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m deepflow_jax.generate",
-                              description="Generate DeepFlow samples (data-parallel, resumable).",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _parser() -> ArgumentParser:
+  p = ArgumentParser(prog="python -m deepflow_jax.generate",
+                     description="Generate DeepFlow samples (data-parallel, resumable).")
   p.add_argument("--checkpoint", required=True,
                  help="converted checkpoint directory (python -m deepflow_jax.convert) or a "
                  "training workdir (python -m deepflow_jax.main; its newest EMA weights)")
@@ -52,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
                  "without it a latent model writes latents only")
   p.add_argument("--dtype", default="float32", choices=SAMPLING_DTYPES,
                  help="model compute dtype (the sampler state stays float32)")
+  e = p.add_argument_group("evaluation when every sample is done (ADM suite: FID, sFID, IS, "
+                           "precision, recall)")
+  e.add_argument("--reference", default=None,
+                 help="ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
+  e.add_argument("--inception", default=None,
+                 help="FID Inception weights (pytorch-fid's pt_inception-*.pth or the TF .pb)")
+  e.add_argument("--eval_output", default=None,
+                 help="metrics JSON (default: OUTPUT/metrics.json)")
   p.add_argument("--stop_after_batches", type=int, default=None, help=argparse.SUPPRESS)
   return p
 
@@ -66,17 +79,45 @@ def main(argv=None):
   problems = settings.problems()
   if a.per_device_batch < 1:
     problems.append(f"--per_device_batch must be >= 1, got {a.per_device_batch}")
+  if bool(a.reference) != bool(a.inception):
+    problems.append("--reference and --inception go together (evaluation needs both)")
   if problems:
     raise UserError("; ".join(problems))
+  if a.reference:
+    suite.check_reference(a.reference)
+    if not os.path.isfile(a.inception):
+      raise UserError(f"--inception={a.inception}: no such file")
+    eval_output = a.eval_output or os.path.join(a.output, "metrics.json")
+    suite.check_output_path(eval_output, "--eval_output")
   model, params = load_model(a.checkpoint, a.dtype)
-  if a.vae and model.in_channels in (1, 3):
+  pixel_space = model.in_channels in (1, 3)
+  if a.vae and pixel_space:
     raise UserError(f"the model samples {model.in_channels}-channel images (pixel space); "
                     "--vae is for latent-space models")
+  if a.reference and not (pixel_space or a.vae):
+    raise UserError("--reference: evaluation scores images; this latent model needs --vae to "
+                    "decode its samples")
   vae = vae_lib.load_diffusers_vae(a.vae) if a.vae else None
   result = generate_to_folder(model, params, a.output, settings,
                               per_device_batch=a.per_device_batch, vae=vae, vae_path=a.vae,
                               checkpoint=a.checkpoint, stop_after_batches=a.stop_after_batches)
-  return result.stopped or 0
+  if result.samples_npz is None or not a.reference:
+    return result.stopped or 0
+  with StopRequests() as stop:
+    res = suite.evaluate_files(result.samples_npz, a.reference, a.inception, log=_log)
+    if stop.requested:  # the evaluation is cheap to redo; nothing to save
+      _log(stop.message("generate", "evaluation interrupted; rerun to evaluate"))
+      return stop.exit_status
+  _log(suite.format_table(res))
+  if jax.process_index() == 0:
+    suite.write_metrics_json(eval_output, res)
+    _log(f"[generate] wrote {eval_output}")
+  return 0
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 if __name__ == "__main__":

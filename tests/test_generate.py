@@ -242,3 +242,44 @@ def test_vae_decodes_latents_to_pngs_and_adm_npz(ckpt, tmp_path):
   for i in range(2):
     np.testing.assert_array_equal(
         np.asarray(Image.open(os.path.join(out, "images", f"{i:06d}.png"))), s["arr_0"][i])
+
+
+def test_evaluation_at_the_end(tmp_path, capsys, monkeypatch):
+  """--reference/--inception: suite.evaluate_files on samples.npz, metrics JSON in the output.
+
+  The metrics themselves are tested in test_evaluate.py / test_metrics.py; this checks the
+  wiring (what is passed, what is written) with the evaluation replaced by a recorder.
+  """
+  from deepflow_jax.evaluation import suite  # pylint: disable=g-import-not-at-top
+  model = DeepFlow(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2,
+                   num_heads=2, num_classes=10, df_idxs=())
+  ckpt = str(tmp_path / "rgb")
+  save_converted(ckpt, model, _random_params(model, 0.02))
+  ref = str(tmp_path / "ref.npz")
+  np.savez(ref, arr_0=np.zeros((5, 8, 8, 3), np.uint8))
+  weights = tmp_path / "pt_inception.pth"
+  weights.write_bytes(b"not read by the recorder")
+  calls = []
+
+  def record(samples, reference, inception, **kw):
+    calls.append((samples, reference, inception))
+    with np.load(samples) as f:
+      n = len(f["arr_0"])
+    return {"fid": 1.5, "sfid": 2.5, "inception_score": float("nan"), "precision": 0.5,
+            "recall": 0.25, "num_samples": n, "settings": {"samples": samples}}
+
+  monkeypatch.setattr(suite, "evaluate_files", record)
+  out = tmp_path / "out"
+  rc = generate.main([f"--checkpoint={ckpt}", f"--output={out}", "--num_samples=5",
+                      "--num_steps=2", f"--reference={ref}", f"--inception={weights}"])
+  assert rc == 0, capsys.readouterr().err
+  assert calls == [(str(out / "samples.npz"), ref, str(weights))]
+  res = json.load(open(out / "metrics.json"))
+  assert res["fid"] == 1.5 and res["inception_score"] is None and res["num_samples"] == 5
+  assert "FID" in capsys.readouterr().out  # the table
+  # Checked before any sampling: a latent model without --vae, a missing weights file.
+  rc = generate.main([f"--checkpoint={ckpt}", f"--output={tmp_path / 'o2'}", "--num_samples=5",
+                      f"--reference={ref}", f"--inception={tmp_path / 'missing.pth'}"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1 and "--inception" in err
+  assert not os.path.exists(tmp_path / "o2")

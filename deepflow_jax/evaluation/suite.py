@@ -850,6 +850,17 @@ def format_table(res: dict) -> str:
   return "\n".join(lines)
 
 
+def check_output_path(path: Optional[str], flag: str = "--output") -> None:
+  """Refuses a metrics path that cannot be a JSON file, before any work."""
+  if path is None:
+    return
+  if os.path.isdir(path):
+    raise UserError(f"{flag}={path}: is a directory, expected a .json file path")
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.exists(parent) and not os.path.isdir(parent):
+    raise UserError(f"{flag}={path}: {parent} is not a directory")
+
+
 def write_metrics_json(path: str, res: dict) -> None:
   """Writes the metrics as strict JSON atomically (a NaN, e.g. an undefined IS, becomes null)."""
   def clean(v):
