@@ -36,6 +36,8 @@ setup(
         # `torch` requirement pulls a multi-GB CUDA build.
         "torch": ["torch==2.13.0"],
         "tfds": ["tensorflow-datasets>=4.9.10"],
-        "test": ["pytest>=8", "torch==2.13.0", "tensorflow-datasets>=4.9.10"],
+        # nbclient/nbformat/ipykernel: tests/test_notebook.py executes docs/colab.ipynb.
+        "test": ["pytest>=8", "torch==2.13.0", "tensorflow-datasets>=4.9.10", "nbclient>=0.11",
+                 "nbformat>=5.11", "ipykernel>=7.4"],
     },
 )
