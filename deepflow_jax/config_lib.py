@@ -135,7 +135,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 0  # digits: 1000 generated samples scored by the classifier
-  c.eval.batch_size = 250
+  c.eval.batch_size = 250  # global batch of the evaluations' sampling
+  # ADM-suite evaluation (FID, sFID, IS) of EMA samples during training: every
+  # fid_every steps and at the end (0: never), fid_num_samples samples (labels
+  # cycling over the classes) against the reference batch, features from the FID
+  # Inception weights file; latent models decode with sample.vae.
+  c.eval.fid_every = 0
+  c.eval.fid_num_samples = 10_000
+  c.eval.reference = ""  # ADM reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz
+  c.eval.inception = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or the TF .pb)
   return c
 
 
@@ -261,7 +269,8 @@ def validate(config) -> None:
   for key, lo in (("train.num_steps", 0), ("train.log_every", 1), ("train.ckpt_every", 1),
                   ("train.keep_ckpts", 1), ("train.sample_every", 0), ("optim.warmup_steps", 0),
                   ("sample.grid_per_class", 1), ("sample.grid_classes", 0),
-                  ("eval.num_samples", 0), ("eval.batch_size", 1)):
+                  ("eval.num_samples", 0), ("eval.batch_size", 1), ("eval.fid_every", 0),
+                  ("eval.fid_num_samples", 4)):
     sec, name = key.split(".")
     if config[sec][name] < lo:
       problems.append(f"{key}={config[sec][name]} must be >= {lo}")
@@ -281,6 +290,15 @@ def validate(config) -> None:
     problems += sampling.step_problems(s.sampler, s.num_steps, flag="sample.num_steps")
   problems += sampling.guidance_problems(s.cfg_scale, s.guidance_low, s.guidance_high,
                                          prefix="sample.")
+  e = config.eval
+  if e.fid_every > 0:
+    for key in ("reference", "inception"):
+      if not e[key]:
+        problems.append(f"eval.fid_every={e.fid_every} needs eval.{key}")
+      elif not os.path.isfile(e[key]):
+        problems.append(f"eval.{key}={e[key]!r}: no such file")
+    if m.in_channels not in (1, 3) and not config.sample.vae:
+      problems.append("eval.fid_every > 0 on a latent model needs sample.vae to decode samples")
   if config.data.name in ("repa", "arrayrecord") and not config.data.path:
     problems.append(f"data.path is required for data.name={config.data.name!r}")
   if config.data.name == "digits":

@@ -336,16 +336,7 @@ def generate_to_folder(model, params, output: str, settings: GenerationSettings,
   gen = sampling.make_batch_sampler(model, mesh, sampler=settings.sampler,
                                     num_steps=settings.num_steps, seed=settings.seed,
                                     labels_mode=settings.labels)
-  decode = None
-  if vae is not None:
-    vae_module, vae_params = vae
-    scale = float(vae_module.scaling_factor)
-
-    def decode_fn(p, z):
-      return vae_module.apply({"params": p}, z / scale, method=vae_module.decode)
-
-    decode = jax.jit(decode_fn, in_shardings=(repl, data), out_shardings=data)
-    vae_params = jax.device_put(vae_params, repl)
+  decode = images_lib.make_decoder(vae, mesh) if vae is not None else None
   params = jax.device_put(params, repl)
   scalars = [jnp.asarray(v, jnp.float32)
              for v in (settings.cfg_scale, settings.guidance_low, settings.guidance_high)]
@@ -358,7 +349,7 @@ def generate_to_folder(model, params, output: str, settings: GenerationSettings,
       idx = np.arange(start, start + batch, dtype=np.int32)  # the tail past `count` is padding
       indices = jax.make_array_from_callback((batch,), data, lambda s, idx=idx: idx[s])
       x, y = gen(params, indices, no_labels, *scalars)
-      images = decode(vae_params, x) if decode is not None else None
+      images = decode(x) if decode is not None else None
       x, y = sampling.gather(x)[:count], sampling.gather(y)[:count]
       if images is not None:
         images = sampling.gather(images)[:count]

@@ -15,8 +15,10 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepflow_jax import outputs
 from deepflow_jax import sampling
@@ -54,6 +56,23 @@ def decode(samples, vae: Optional[tuple[Any, Any]] = None, *, latent_scale: floa
     module, params = vae
     x = module.apply({"params": params}, jnp.asarray(x) / latent_scale, method=module.decode)
   return to_uint8(np.asarray(x, np.float32), rgb=rgb)
+
+
+def make_decoder(vae: tuple[Any, Any], mesh, *, latent_scale: Optional[float] = None):
+  """A jitted, batch-sharded ``decode(z) -> images in [-1, 1]`` for diffusion latents ``z``.
+
+  ``vae = (module, params)``; ``z`` (B, h, w, c) sharded (or shardable) over the
+  mesh's axes, B a multiple of ``mesh.size``. ``latent_scale`` defaults to the
+  VAE's own ``scaling_factor``. The VAE's parameters are replicated once here.
+  """
+  module, params = vae
+  scale = float(module.scaling_factor if latent_scale is None else latent_scale)
+  data = NamedSharding(mesh, P(mesh.axis_names))
+  repl = NamedSharding(mesh, P())
+  params = jax.device_put(params, repl)
+  fn = jax.jit(lambda p, z: module.apply({"params": p}, z / scale, method=module.decode),
+               in_shardings=(repl, data), out_shardings=data)
+  return lambda z: fn(params, z)
 
 
 def grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:

@@ -206,7 +206,7 @@ class Trainer:
     params = optax.apply_updates(state.params, updates)
     d = float(self.config.train.ema_decay)
     ema = jax.tree.map(lambda e, p: e * d + (1 - d) * p, state.ema_params, params)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = self.schedule(state.step)
     new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     return new, metrics

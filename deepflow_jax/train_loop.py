@@ -43,6 +43,8 @@ from deepflow_jax.checkpointing import Checkpointer
 from deepflow_jax.data import pipeline
 from deepflow_jax.errors import UserError
 from deepflow_jax.evaluation import digits as digits_eval
+from deepflow_jax.evaluation import inception
+from deepflow_jax.evaluation import suite
 from deepflow_jax.metric_writer import MetricWriter
 from deepflow_jax.models.loading import is_converted_dir
 from deepflow_jax.models.loading import load_converted
@@ -146,10 +148,16 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
   else:
     state = trainer.init_state(int(t.seed))
     step = 0
+  if hasattr(data_it, "start_prefetch"):
+    data_it.start_prefetch()  # workers read the first batches while XLA compiles
   # Everything the run needs is in hand: only now is anything written into the workdir.
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-    write_config(workdir, config)
+    resolved = config.copy_and_resolve_references()
+    if info.is_latent:  # what the run really used (the dataset's record or the default)
+      resolved.data.latent_scale = float(info.latent_scale)
+      resolved.data.vae_downsampling = int(info.vae_downsampling)
+    write_config(workdir, resolved)
     _log_parameters(state.params, workdir, log)
 
   writer = MetricWriter(os.path.join(workdir, "tb"), enabled=is_main)
@@ -157,11 +165,44 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
   peak = train_lib.peak_flops(jax.devices()[0]) if platform != "cpu" else None
   num_steps = int(t.num_steps)
   sample_every = int(t.sample_every)
-  vae = None
   signals = StopRequests()
 
+  fid_state = {}
+  decoder = {}
+
+  def decode_latents(x):
+    """Latent samples -> uint8 images through sample.vae (a jitted, sharded decoder)."""
+    if "fn" not in decoder:
+      decoder["fn"] = images_lib.make_decoder(vae_lib.load_diffusers_vae(config.sample.vae), mesh,
+                                              latent_scale=info.latent_scale)
+    count = len(x)
+    batch = -(-count // mesh.size) * mesh.size
+    x = np.pad(np.asarray(x, np.float32), [(0, batch - count)] + [(0, 0)] * 3)
+    return images_lib.to_uint8(sampling.gather(decoder["fn"](x))[:count], rgb=True)
+
+  def fid_eval(at_step) -> dict[str, float]:
+    """ADM metrics of eval.fid_num_samples EMA samples; logged and returned as eval/*."""
+    e = config.eval
+    if not fid_state:
+      inc = inception.load_fid_inception(e.inception)
+      fid_state["inception"] = inc
+      fid_state["reference"] = suite.load_reference(e.reference, *inc, precision_recall=False,
+                                                    log=log)
+    n = int(e.fid_num_samples)
+    log(f"[eval] ADM metrics of {n:,} EMA samples at step {at_step} ({config.sample.sampler}, "
+        f"{int(config.sample.num_steps)} steps, cfg {float(config.sample.cfg_scale)})")
+    res = suite.evaluate_samples(
+        *fid_state["inception"],
+        _fid_batches(model, state.ema_params, config, mesh, n,
+                     decode_latents if info.is_latent else None, lambda: signals.requested),
+        fid_state["reference"], num_samples=n, precision_recall=False, log=log)
+    metrics = {f"eval/{k}": float(v) for k, v in res.items() if v is not None}
+    writer.scalars(at_step, metrics)
+    log(f"[eval] step {at_step}: FID {res['fid']:.3f}, sFID {res['sfid']:.3f}, IS "
+        f"{res['inception_score']:.3f} ({n:,} samples)")
+    return metrics
+
   def sample_grid(at_step):
-    nonlocal vae
     s = config.sample
     rows = min(int(s.grid_classes), model.num_classes)
     if rows <= 0:
@@ -172,18 +213,18 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
     x = sampling.sample_many(model, state.ema_params, labels, seed=int(t.seed) + 1,
                              per_device_batch=-(-len(labels) // mesh.size), mesh=mesh,
                              should_stop=lambda: signals.requested, **sample_kwargs(config))
+    if info.is_latent and not s.vae:
+      if is_main:
+        path = os.path.join(workdir, "samples", f"latents_{at_step:08d}.npy")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.save(path, x)
+        log(f"[samples] wrote {path} (set sample.vae to decode grids to PNG)")
+      return
+    pictures = decode_latents(x) if info.is_latent else images_lib.to_uint8(x)  # every process
     if not is_main:
       return
-    if info.is_latent and not s.vae:
-      path = os.path.join(workdir, "samples", f"latents_{at_step:08d}.npy")
-      np.save(path, x)
-      log(f"[samples] wrote {path} (set sample.vae to decode grids to PNG)")
-      return
-    if info.is_latent and vae is None:
-      vae = vae_lib.load_diffusers_vae(s.vae)
     path = os.path.join(workdir, "samples", f"grid_{at_step:08d}.png")
-    images_lib.save_grid(
-        images_lib.decode(x, vae, latent_scale=info.latent_scale), rows, path)
+    images_lib.save_grid(pictures, rows, path)
     log(f"[samples] wrote {path}")
 
   last_log_time, last_log_step, data_wait = time.perf_counter(), step, 0.0
@@ -225,8 +266,14 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
         if step % int(t.ckpt_every) == 0 or step == num_steps:
           ckpt.save(step, state, data_it.get_state())
           last_saved = step
-        if sample_every and step % sample_every == 0 and step != num_steps:
-          sample_grid(step)
+        try:  # a signal during these stops them (StopSampling), then the check below saves
+          if sample_every and step % sample_every == 0 and step != num_steps:
+            sample_grid(step)
+          fid_every = int(config.eval.fid_every)
+          if fid_every and step % fid_every == 0 and step != num_steps:
+            yield {"step": step, **fid_eval(step)}
+        except sampling.StopSampling:
+          pass
         stop = signals.requested
         if nproc > 1:
           stop = stop or ckpt.manager.reached_preemption(step)
@@ -244,6 +291,8 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
       log(f"[train] {step} steps done; final checkpoint in {ckpt.directory}")
       try:
         sample_grid(step)
+        if int(config.eval.fid_every):
+          yield {"step": step, **fid_eval(step)}
         if int(config.eval.num_samples) > 0 and info.name == "digits":
           metrics = _evaluate_digits(model, state.ema_params, config, workdir, writer, step, mesh,
                                      is_main, log, should_stop=lambda: signals.requested)
@@ -258,6 +307,8 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
     finally:
       ckpt.close()
       writer.close()
+      if hasattr(data_it, "close"):
+        data_it.close()
 
 
 def train(config, workdir: str, *, callback: Optional[Callable[[int, dict], Any]] = None,
@@ -276,6 +327,20 @@ def train(config, workdir: str, *, callback: Optional[Callable[[int, dict], Any]
       return int(stop.value or 0)
     if callback is not None:
       callback(int(metrics["step"]), metrics)
+
+
+def _fid_batches(model, params, config, mesh, n, decode, should_stop):
+  """uint8 NHWC batches of ``n`` EMA samples (labels cycling over the classes), decoded."""
+  per_device = max(1, int(config.eval.batch_size) // mesh.size)
+  batch = per_device * mesh.size
+  labels = np.arange(n) % model.num_classes
+  for start in range(0, n, batch):
+    x = sampling.sample_many(model, params, labels[start:start + batch],
+                             seed=int(config.train.seed) + 3, per_device_batch=per_device,
+                             mesh=mesh, start_index=start, **sample_kwargs(config))
+    yield decode(x) if decode is not None else images_lib.to_uint8(x, rgb=True)
+    if should_stop() and start + batch < n:
+      raise sampling.StopSampling(f"stopped after {start + batch} of {n} samples")
 
 
 def _log_parameters(params, workdir: str, log) -> None:
