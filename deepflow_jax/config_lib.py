@@ -118,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
                   ("patch", None), ("freq", None), ("norm", None))
 
   c.distributed = ml_collections.ConfigDict()
+  # "auto": jax.distributed.initialize() when the environment shows several processes
+  # (SLURM, Open MPI, JAX_COORDINATOR_ADDRESS, TPU_WORKER_HOSTNAMES); "always": call it
+  # anyway (Cloud TPU VM pod slices, where JAX finds the workers itself); "never".
+  c.distributed.initialize = "auto"
   c.distributed.coordinator_address = ""  # set all three for a manual multi-process run
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
@@ -253,6 +257,7 @@ def validate(config) -> None:
                        ("loss.weighting", ("lognormal", "uniform")),
                        ("loss.path_type", ("linear", "cosine")),
                        ("optim.schedule", ("constant", "cosine")),
+                       ("distributed.initialize", ("auto", "always", "never")),
                        ("data.name", ("digits", "repa", "arrayrecord")),
                        ("sample.sampler", ("sde", "euler", "heun"))):
     sec, name = key.split(".")

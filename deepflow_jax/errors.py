@@ -3,9 +3,11 @@
 * ``UserError``: bad input from the user (a flag, config key or value, file or
   data). Its message is one line naming what was wrong and what was expected.
 * ``cli_main``: wraps an entry point's ``main(argv)``: a ``UserError`` becomes
-  ``error: ...`` on stderr and exit status 2; Ctrl-C outside a handled phase
-  exits 130 with one line; any other exception is reported in one line (exit 1)
-  unless ``DEEPFLOW_DEBUG=1`` is set, which shows the full traceback.
+  ``error: ...`` on stderr and exit status 2; ``Stopped`` (SIGTERM / SIGINT in a
+  phase with nothing to save) one ``stopped by ...`` line and 143 / 130; Ctrl-C
+  outside a handled phase exits 130 with one line; any other exception is
+  reported in one line (exit 1) unless ``DEEPFLOW_DEBUG=1`` is set, which shows
+  the full traceback.
 * ``ArgumentParser``: argparse with one-line errors (exit 2, no usage dump) and
   defaults shown in ``--help``.
 """
@@ -22,6 +24,14 @@ EXIT_USER_ERROR = 2
 
 class UserError(ValueError):
   """Bad input from the user (a file, key, flag or value). One-line message."""
+
+
+class Stopped(Exception):
+  """A signal stopped the run (see ``deepflow_jax.signals``): one line, then ``exit_status``."""
+
+  def __init__(self, message: str, exit_status: int):
+    self.exit_status = exit_status
+    super().__init__(message)
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
@@ -51,10 +61,13 @@ def cli_main(fn):
         raise
       print_error(str(e))
       return EXIT_USER_ERROR
+    except Stopped as e:
+      print(f"stopped by {e}", file=sys.stderr, flush=True)
+      return e.exit_status
     except KeyboardInterrupt:
       if debug():
         raise
-      print("interrupted", file=sys.stderr, flush=True)
+      print("interrupted (SIGINT)", file=sys.stderr, flush=True)
       return 130
     except Exception as e:  # pylint: disable=broad-except
       if debug():

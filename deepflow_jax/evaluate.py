@@ -21,7 +21,8 @@ running statistics (``deepflow_jax.evaluation.suite``), with the ADM
 evaluator's arithmetic (``deepflow_jax.evaluation.metrics``).
 
 Prints a table and, with ``--output``, writes the metrics as JSON (atomically).
-Exit status 0 on success, 2 on bad input (one ``error:`` line naming the file).
+Exit status 0 on success, 2 on bad input (one ``error:`` line naming the file),
+143 / 130 when stopped by SIGTERM / SIGINT (one line; nothing half-written).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import jax
 from deepflow_jax.errors import ArgumentParser, UserError, cli_main
 from deepflow_jax.evaluation import metrics
 from deepflow_jax.evaluation import suite
+from deepflow_jax.signals import StopRequests
 
 
 def _parser() -> ArgumentParser:
@@ -64,9 +66,11 @@ def main(argv=None):
   suite.check_output_path(a.output)
   if a.batch_size is not None and a.batch_size < 1:
     raise UserError(f"--batch_size must be >= 1, got {a.batch_size}")
-  res = suite.evaluate_files(a.samples, a.reference, a.inception, preprocessing=a.preprocessing,
-                             distance=a.distance, batch_size=a.batch_size, cache=not a.no_cache,
-                             log=_log)
+  with StopRequests(raise_now=True, what="evaluation stopped, no metrics written (a finished "
+                    "reference feature cache is kept)"):
+    res = suite.evaluate_files(a.samples, a.reference, a.inception,
+                               preprocessing=a.preprocessing, distance=a.distance,
+                               batch_size=a.batch_size, cache=not a.no_cache, log=_log)
   _log(suite.format_table(res))
   if a.output and jax.process_index() == 0:
     suite.write_metrics_json(a.output, res)

@@ -103,11 +103,9 @@ def main(argv=None):
                               checkpoint=a.checkpoint, stop_after_batches=a.stop_after_batches)
   if result.samples_npz is None or not a.reference:
     return result.stopped or 0
-  with StopRequests() as stop:
+  with StopRequests(raise_now=True, what="evaluation stopped; the samples are complete, rerun "
+                    "the same command to evaluate them"):
     res = suite.evaluate_files(result.samples_npz, a.reference, a.inception, log=_log)
-    if stop.requested:  # the evaluation is cheap to redo; nothing to save
-      _log(stop.message("generate", "evaluation interrupted; rerun to evaluate"))
-      return stop.exit_status
   _log(suite.format_table(res))
   if jax.process_index() == 0:
     suite.write_metrics_json(eval_output, res)

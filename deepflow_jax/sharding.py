@@ -29,9 +29,14 @@ def maybe_initialize_distributed(config) -> None:
   Explicit ``config.distributed.{coordinator_address,num_processes,process_id}``
   start a manual run (e.g. several processes on one machine); otherwise JAX's
   cluster auto-detection is used when the environment shows a multi-process
-  launch (TPU pod slice, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS set).
+  launch (SLURM, Open MPI, JAX_COORDINATOR_ADDRESS or TPU_WORKER_HOSTNAMES set),
+  or always with ``config.distributed.initialize="always"`` (Cloud TPU VM pod
+  slices: JAX reads the workers from the VM's metadata); never with ``"never"``.
   """
   d = config.distributed
+  mode = d.get("initialize", "auto")
+  if mode == "never":
+    return
   if d.coordinator_address:
     # Only affects the CPU backend (several processes on one machine); must be set
     # before any JAX call initialises a backend.
@@ -44,7 +49,7 @@ def maybe_initialize_distributed(config) -> None:
       int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
       or "JAX_COORDINATOR_ADDRESS" in env
       or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
-  if multi:
+  if multi or mode == "always":
     jax.distributed.initialize()
 
 

@@ -11,6 +11,12 @@ Handlers are installed only in the main thread (``signal`` allows nothing else)
 and the previous ones are restored on exit. A second SIGINT while a stop is
 already pending raises ``KeyboardInterrupt`` as usual, so Ctrl-C twice still
 breaks out of a stuck step.
+
+Phases with nothing to save mid-way (evaluation) use ``raise_now=True``: the
+signal raises ``Stopped`` at once, which ``errors.cli_main`` turns into one line
+and the exit status. In a multi-process JAX job SIGTERM is left to JAX's
+preemption notifier (``sigterm=False``), whose sync point makes every process
+stop at the same step.
 """
 from __future__ import annotations
 
@@ -18,21 +24,32 @@ import signal
 import threading
 from typing import Optional
 
+from deepflow_jax.errors import Stopped
+
 EXIT_SIGTERM = 143
 EXIT_SIGINT = 130
 _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
 class StopRequests:
-  """Context manager recording the first SIGTERM / SIGINT received while it is active."""
+  """Context manager recording the first SIGTERM / SIGINT received while it is active.
 
-  def __init__(self):
+  Args:
+    sigterm: also handle SIGTERM (False in multi-process jobs, see the module doc).
+    raise_now: raise ``Stopped`` from the handler instead of only recording it;
+      ``what`` says in that message what was (not) kept.
+  """
+
+  def __init__(self, *, sigterm: bool = True, raise_now: bool = False,
+               what: str = "stopped; nothing was written"):
     self.signum: Optional[int] = None
     self._old: dict[int, object] = {}
+    self._signals = (signal.SIGTERM, signal.SIGINT) if sigterm else (signal.SIGINT,)
+    self._raise_now, self._what = raise_now, what
 
   def __enter__(self) -> "StopRequests":
     if threading.current_thread() is threading.main_thread():
-      for s in (signal.SIGTERM, signal.SIGINT):
+      for s in self._signals:
         self._old[s] = signal.signal(s, self._on_signal)
     return self
 
@@ -47,6 +64,8 @@ class StopRequests:
       raise KeyboardInterrupt
     if self.signum is None:
       self.signum = signum
+      if self._raise_now:
+        raise Stopped(f"{_NAMES.get(signum, 'signal')}: {self._what}", self.exit_status)
 
   @property
   def requested(self) -> bool:

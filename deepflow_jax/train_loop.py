@@ -165,7 +165,8 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
   peak = train_lib.peak_flops(jax.devices()[0]) if platform != "cpu" else None
   num_steps = int(t.num_steps)
   sample_every = int(t.sample_every)
-  signals = StopRequests()
+  # Multi-process: SIGTERM goes to JAX's preemption notifier (reached_preemption below).
+  signals = StopRequests(sigterm=nproc == 1)
 
   fid_state = {}
   decoder = {}
