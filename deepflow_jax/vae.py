@@ -50,13 +50,17 @@ import json
 import math
 import os
 import re
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+import shutil
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
+from deepflow_jax import outputs
+from deepflow_jax.errors import UserError
 from deepflow_jax.errors import first_line
 from deepflow_jax.torch_io import ConversionError
 from deepflow_jax.torch_io import check_state_dict
@@ -666,7 +670,6 @@ class _Shaped:
 
 
 def _restore_orbax(path: str, vae: AutoencoderKL) -> dict:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   ckpt = os.path.abspath(os.path.join(path, ORBAX_PARAMS_DIR))
   abstract = abstract_params(vae)
   with ocp.StandardCheckpointer() as checkpointer:
@@ -715,3 +718,63 @@ def load_diffusers_vae(path: str, dtype: Dtype = jnp.float32,
   params = jax.tree_util.tree_map(
       lambda a: jnp.asarray(np.asarray(a, dtype=dtype)), params)
   return vae, params
+
+
+def convert_diffusers_vae(input_dir: str, output_dir: str, force: bool = False,
+                          log: Callable[[str], None] = print) -> int:
+  """Converts a diffusers folder into ``OUTPUT/config.json`` + ``OUTPUT/params`` (Orbax).
+
+  Returns the number of parameters written. A non-empty ``output_dir`` is
+  refused unless ``force``; then its ``config.json`` and ``params/`` are
+  replaced and any other file is left alone. ``params/`` is written under a
+  temporary name and swapped in, ``config.json`` atomically, so an interrupted
+  run leaves the previous conversion (or nothing) and can simply be rerun.
+  """
+  input_dir = resolve_vae_dir(input_dir)
+  output_dir = os.path.abspath(output_dir)
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise UserError(f"--output {output_dir} exists and is not a directory")
+  if os.path.realpath(output_dir) == os.path.realpath(input_dir):
+    raise UserError("--output must differ from --input")
+  leftovers = [n for n in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+               if outputs.is_tmp_name(n) or ".old-" in n]
+  others = [n for n in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+            if n not in leftovers]
+  if others and not force:
+    raise UserError(f"--output {output_dir} is not empty; pass --force to replace its "
+                    f"{CONFIG_NAME} and {ORBAX_PARAMS_DIR}/")
+  if is_orbax_vae_dir(input_dir):
+    raise UserError(f"--input {input_dir} is already a converted (Orbax) VAE folder")
+  config = read_config(input_dir)
+  model = AutoencoderKL.from_config(config)
+  state_dict, weights_file = load_diffusers_state_dict(input_dir)
+  log(f"read {len(state_dict)} tensors from {weights_file}")
+  params = convert_state_dict(state_dict, model, source=weights_file)
+  params = jax.tree_util.tree_map(lambda a: np.ascontiguousarray(a, dtype=np.float32), params)
+  n_params = count_params(params)
+
+  os.makedirs(output_dir, exist_ok=True)
+  for name in leftovers:  # what an interrupted conversion left
+    path = os.path.join(output_dir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      os.remove(path)
+  ckpt_dir = os.path.join(output_dir, ORBAX_PARAMS_DIR)
+  tmp = outputs.tmp_name(ckpt_dir)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp, params)
+    checkpointer.wait_until_finished()
+  if os.path.lexists(ckpt_dir):  # only reachable with --force
+    old = f"{ckpt_dir}.old-{os.getpid()}"
+    os.replace(ckpt_dir, old)
+    os.replace(tmp, ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, ckpt_dir)
+  with open(os.path.join(input_dir, CONFIG_NAME), "rb") as f:
+    outputs.atomic_write_bytes(os.path.join(output_dir, CONFIG_NAME), f.read())
+  log(f"converted {len(jax.tree_util.tree_leaves(params))} arrays, {n_params:,} parameters "
+      f"({len(model.block_out_channels)} levels, widths {tuple(model.block_out_channels)}) "
+      f"-> {output_dir}")
+  return n_params
