@@ -28,13 +28,14 @@ import jax
 
 from deepflow_jax.data import encode
 from deepflow_jax.data import latent_writer
+from deepflow_jax.errors import ArgumentParser
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import cli_main
 from deepflow_jax.errors import first_line
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+  p = ArgumentParser(
       prog="python -m deepflow_jax.preprocess",
       description="Encode images to SD-VAE latent moments (ArrayRecord or REPA layout).")
   p.add_argument("--source", help="imagefolder:PATH (PATH/<class>/<images>) or tfds:NAME")
