@@ -1,4 +1,4 @@
-"""Samplers for DeepFlow: the reference's Euler-Maruyama SDE and two ODE samplers.
+"""Samplers for DeepFlow: the reference's SDE, ODE solvers, time grids, acceleration-aware steps.
 
 Library use::
 
@@ -6,27 +6,63 @@ Library use::
     x = sample(model, params, latents, labels, sampler="sde", num_steps=250,
                cfg_scale=1.8, guidance_low=0.0, guidance_high=0.7,
                rng=jax.random.key(0))                        # (N, H, W, C) float32
+    x = sample(model, params, latents, labels, sampler="ab2", num_steps=8,
+               grid="shifted", grid_shift=3.0)               # 8 network evaluations
 
 Every sampler integrates the linear-path flow from t = 1 (noise) to t = 0 (data)
-with the network's final velocity: all K branches receive the same time (the
-time gap fed to every VeRA block is 0) and only the last velocity head is
-evaluated (``DeepFlow.velocity``), so intermediate velocity heads, the
-acceleration head and the REPA projectors are never computed while sampling.
+on a decreasing time grid ``1 = t_0 > t_1 > ... > t_n = 0``. All K branches
+receive the same time (the time gap fed to every VeRA block is 0). The
+velocity samplers evaluate only the final velocity head
+(``DeepFlow.velocity``: intermediate velocity heads, the acceleration head and
+the REPA projectors are never computed); the ``accel*`` samplers evaluate the
+velocity and acceleration heads in the same forward pass
+(``DeepFlow.velocity_and_acceleration``). Derivations, the NFE accounting and
+measurements are in ``docs/sampling.md``.
 
-Samplers (``sampler=``):
+Samplers (``sampler=``); NFE = network evaluations per sample (``num_evaluations``):
 
 * ``"sde"``: Euler-Maruyama, exactly the reference's sampler (``docs/architecture.md``).
-  Time grid ``linspace(1, 0.04, num_steps)`` followed by 0. From the velocity
-  ``v`` at ``(x, t)``: score ``s = -((1 - t) v + x) / t``, diffusion ``g = 2t``,
-  drift ``d = v - (g / 2) s = v - t s``. The first ``num_steps - 1`` steps do
-  ``x += d dt + sqrt(2t) sqrt(|dt|) eps`` (``dt < 0``); the last step
-  ``0.04 -> 0`` is deterministic, ``x += d dt``. ``num_steps`` model evaluations.
-* ``"euler"``: the probability-flow ODE ``dx/dt = v`` with explicit Euler on
-  ``linspace(1, 0, num_steps + 1)``. ``num_steps`` model evaluations.
-* ``"heun"``: the same ODE and grid with Heun's second-order method (Euler
-  predictor, trapezoidal corrector). The final step, which ends at ``t = 0``, is
-  a plain Euler step (no corrector evaluation at ``t = 0``), the convention of
-  the SiT/REPA ODE samplers. ``2 num_steps - 1`` model evaluations.
+  From the velocity ``v`` at ``(x, t)``: score ``s = -((1 - t) v + x) / t``,
+  diffusion ``g = 2t``, drift ``d = v - (g / 2) s = v - t s``. The first
+  ``num_steps - 1`` steps do ``x += d dt + sqrt(2t) sqrt(|dt|) eps``
+  (``dt < 0``); the last step (to 0) is deterministic, ``x += d dt``.
+  NFE ``num_steps``.
+* ``"euler"``: the probability-flow ODE ``dx/dt = v`` with explicit Euler. NFE ``num_steps``.
+* ``"heun"``: Heun's second-order method (Euler predictor, trapezoidal
+  corrector). The final step, which ends at ``t = 0``, is a plain Euler step
+  (no corrector evaluation at ``t = 0``), the convention of the SiT/REPA ODE
+  samplers. NFE ``2 num_steps - 1``.
+* ``"ab2"``, ``"ab3"``: Adams-Bashforth multistep of order 2 / 3 on the
+  (possibly non-uniform) grid: ``x_{i+1} = x_i + sum_k b_{ik} v_{i-k}`` with
+  ``b_{ik}`` the integral over ``[t_i, t_{i+1}]`` of the Lagrange basis through
+  the last 2 / 3 grid times (``multistep_coefficients``). The first step is
+  Euler, ``ab3``'s second step AB2 (lower-order start). NFE ``num_steps``.
+* ``"dpm2m"``: DPM-Solver++(2M), the second-order exponential-integrator
+  multistep in data prediction ``x0 = x - t v``, written for the linear path
+  (``alpha = 1 - t``, ``sigma = t``, ``lambda = log((1 - t) / t)``). On this
+  path it reduces to an Euler step plus a correction by the change of the data
+  prediction: ``x_{i+1} = x_i + (t_{i+1} - t_i) v_i + k_i (x0_i - x0_{i-1})``
+  with ``k_i = (t_i - t_{i+1}) / (2 r_i t_i)``, ``r_i = h_{i-1} / h_i`` and
+  ``h_i = lambda(t_{i+1}) - lambda(t_i)`` (``dpm2m_coefficients``). The step
+  from ``t = 1`` (``lambda = -inf``), the step after it (``r = inf``) and the
+  last step to ``t = 0`` are first order (plain Euler). NFE ``num_steps``.
+* ``"accel"``, ``"accel-own"``, ``"accel-ab2"``: acceleration-aware steps
+  ``x_{i+1} = x_i + v dt + a dt^2 / 2`` with the acceleration ``a`` the
+  network's VeRA heads predict in the same forward pass (``ACCEL_SAMPLERS``
+  lists what each pairs; ``docs/sampling.md`` derives what the head learns and
+  reports what was tried). Models without splits (plain SiT) are refused.
+  NFE ``num_steps``.
+
+Time grids (``grid=``, ``GRIDS``; ``u_i = 1 - i / n``):
+
+* ``"uniform"``: ``t_i = u_i`` (default of every sampler but ``sde``);
+* ``"shifted"``: ``t_i = s u_i / (1 + (s - 1) u_i)`` with ``s = grid_shift``
+  (``s > 1`` puts more steps near the noise, ``s = 1`` is uniform);
+* ``"poly"``: ``t_i = u_i ** rho`` with ``rho = grid_rho``: EDM's polynomial
+  schedule with ``t_max = 1``, ``t_min = 0`` (``rho > 1`` puts more steps near
+  the data);
+* ``"reference"``: the reference SDE's ``linspace(1, 0.04, n)`` followed by 0
+  (default of ``sde``).
 
 Classifier-free guidance (``cfg_scale = w``): a step whose start time ``t_cur``
 satisfies ``w > 1`` and ``guidance_low <= t_cur <= guidance_high`` (inclusive,
@@ -34,29 +70,32 @@ as the reference) runs the network once on ``[x; x]`` with labels
 ``[y; null]`` (``null = model.num_classes``) and combines
 ``u + w (c - u)``; on the drift for the SDE (as the reference), on the velocity
 for the ODE samplers (Heun's corrector follows the decision of its step's
-``t_cur``). Every other step runs the network on ``x`` with ``y`` only: a
-``jax.lax.cond`` inside the loop, so unguided steps really run the smaller
-batch. As in the reference, ``w <= 1`` means no guidance at all (``w = 1`` is
-the unguided sampler, not an extra batch). The guided batch interleaves the
-conditional and unconditional row of each sample (rows ``2i, 2i + 1``), so a
-batch sharded over devices never moves rows between devices.
+``t_cur``), on both the velocity and the acceleration for ``accel*``. Multistep
+solvers keep the (guided or not) velocity of each step in their history. Every
+other step runs the network on ``x`` with ``y`` only: a ``jax.lax.cond``
+inside the loop, so unguided steps really run the smaller batch. As in the
+reference, ``w <= 1`` means no guidance at all (``w = 1`` is the unguided
+sampler, not an extra batch). The guided batch interleaves the conditional and
+unconditional row of each sample (rows ``2i, 2i + 1``), so a batch sharded over
+devices never moves rows between devices.
 
 Numerics: the reference keeps its state ``x`` in float64 and runs the model in
 the latents' dtype. Here the state, drift and noise are float32 and the model
 runs in its own ``dtype`` (its input is cast by the model); the time grid and
-the per-step constants ``dt``, ``sqrt(2t)``, ``sqrt(|dt|)`` are computed in
-float64 on the host, then rounded to float32. Against the reference's float64
-state this costs ~1e-6 relative error on tiny2t (see ``tests/test_sampling.py``).
-Guidance intervals are compared in float32; a float64 bound that rounds onto a
-grid time may count as inside the interval where the reference's float64
-comparison would not (only when they differ by less than a float32 ulp).
+the per-step constants (``dt``, ``sqrt(2t)``, ``sqrt(|dt|)``, multistep
+coefficients) are computed in float64 on the host, then rounded to float32.
+Against the reference's float64 state this costs ~1e-6 relative error on
+tiny2t (see ``tests/test_sampling.py``). Guidance intervals are compared in
+float32; a float64 bound that rounds onto a grid time may count as inside the
+interval where the reference's float64 comparison would not (only when they
+differ by less than a float32 ulp).
 
 Compilation: the whole loop (``jax.lax.fori_loop``) is one jitted function per
-``(model, sampler, num_steps, noise mode)``; the CFG scale, the guidance
+``(model, sampler, num_steps, noise mode, grid)``; the CFG scale, the guidance
 interval, labels, latents, noise keys and parameters are traced arguments, so
 changing them does not recompile (shapes and dtypes must stay the same).
 ``make_sampler`` returns the un-jitted pure function for callers who jit it
-themselves (e.g. with explicit shardings, see ``deepflow_jax.generate``).
+themselves (e.g. with explicit shardings, see ``make_batch_sampler``).
 """
 from __future__ import annotations
 
@@ -70,23 +109,66 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepflow_jax import sharding as shd
+from deepflow_jax.errors import UserError
 from deepflow_jax.progress import Progress
 
-SAMPLERS = ("sde", "euler", "heun")
+# Acceleration-aware samplers: name -> (velocity/acceleration pairing, history use).
+#   pairing "final-first": the final velocity with the first VeRA block's acceleration;
+#   pairing "own": every branch j < K - 1 with its own acceleration a_j, the K - 1 steps
+#     x + v_j dt + a_j dt^2 / 2 averaged;
+#   history "ab2": the learned acceleration on the first step, the finite difference of
+#     the last two velocities (what AB2 uses) on every later step.
+ACCEL_SAMPLERS = {
+    "accel": ("final-first", None),
+    "accel-own": ("own", None),
+    "accel-ab2": ("final-first", "ab2"),
+}
+MULTISTEP_ORDER = {"euler": 1, "ab2": 2, "ab3": 3}
+SAMPLERS = ("sde", "euler", "heun", "ab2", "ab3", "dpm2m") + tuple(ACCEL_SAMPLERS)
+GRIDS = ("uniform", "shifted", "poly", "reference")
+DEFAULT_GRID_SHIFT = 3.0
+DEFAULT_GRID_RHO = 2.0
 SDE_T_END = 0.04  # last grid time before 0 of the reference's Euler-Maruyama sampler
 LABEL_MODES = ("random", "cycle")
 
 
-def time_grid(sampler: str, num_steps: int) -> np.ndarray:
-  """The sampler's times, float64, decreasing from 1 to 0.
+def default_grid(sampler: str) -> str:
+  """The grid a sampler uses when none is given: ``reference`` for ``sde``, else ``uniform``."""
+  return "reference" if sampler == "sde" else "uniform"
 
-  ``sde``: ``linspace(1, 0.04, num_steps)`` then 0 (``num_steps + 1`` values);
-  ``euler`` / ``heun``: ``linspace(1, 0, num_steps + 1)``.
+
+def _grid_key(sampler: str, grid: Optional[str], grid_shift: float,
+              grid_rho: float) -> tuple[str, Optional[float]]:
+  """(grid name, its one parameter or None): the canonical cache key of a grid."""
+  grid = default_grid(sampler) if grid in (None, "", "default") else grid
+  problems = grid_problems(grid, grid_shift, grid_rho)
+  if problems:
+    raise ValueError("; ".join(problems))
+  param = {"shifted": grid_shift, "poly": grid_rho}.get(grid)
+  return grid, None if param is None else float(param)
+
+
+def _grid_times(grid: str, param: Optional[float], num_steps: int) -> np.ndarray:
+  if grid == "reference":
+    return np.concatenate([np.linspace(1.0, SDE_T_END, num_steps, dtype=np.float64), [0.0]])
+  u = np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float64)
+  if grid == "shifted":
+    return param * u / (1.0 + (param - 1.0) * u)
+  if grid == "poly":
+    return u**param
+  return u
+
+
+def time_grid(sampler: str, num_steps: int, grid: Optional[str] = None, *,
+              grid_shift: float = DEFAULT_GRID_SHIFT,
+              grid_rho: float = DEFAULT_GRID_RHO) -> np.ndarray:
+  """The sampler's ``num_steps + 1`` times, float64, strictly decreasing from 1 to 0.
+
+  ``grid=None`` is the sampler's default (``default_grid``); ``grid_shift`` is
+  used by ``"shifted"`` only, ``grid_rho`` by ``"poly"`` only (module docstring).
   """
   _check_sampler(sampler, num_steps)
-  if sampler == "sde":
-    return np.concatenate([np.linspace(1.0, SDE_T_END, num_steps, dtype=np.float64), [0.0]])
-  return np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float64)
+  return _grid_times(*_grid_key(sampler, grid, grid_shift, grid_rho), int(num_steps))
 
 
 def _check_sampler(sampler: str, num_steps: int) -> None:
@@ -100,6 +182,35 @@ def step_problems(sampler: str, num_steps, flag: str = "num_steps") -> list[str]
   """What is wrong with ``num_steps`` for ``sampler`` (empty when valid), named by ``flag``."""
   if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
     return [f"{flag} must be a positive integer for the {sampler} sampler, got {num_steps!r}"]
+  return []
+
+
+def grid_problems(grid, grid_shift, grid_rho, prefix: str = "") -> list[str]:
+  """What is wrong with a grid setting (empty when valid), named with ``prefix``.
+
+  ``grid`` may also be ``None``, ``""`` or ``"default"`` (the sampler's default).
+  The parameter of a grid must be a finite number > 0; the other is not checked.
+  """
+  if grid in (None, "", "default"):
+    return []
+  if grid not in GRIDS:
+    return [f"{prefix}grid={grid!r} is not one of {', '.join(GRIDS)} (or empty for the "
+            "sampler's default)"]
+  name, value = {"shifted": ("grid_shift", grid_shift), "poly": ("grid_rho", grid_rho)}.get(
+      grid, (None, None))
+  if name is not None:
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    if not ok or not np.isfinite(value) or value <= 0:
+      return [f"{prefix}{name}={value!r} must be a finite number > 0 for the {grid} grid"]
+  return []
+
+
+def accel_problems(model, sampler: str, prefix: str = "") -> list[str]:
+  """Refusal of an ``accel*`` sampler for a model without acceleration heads (empty if fine)."""
+  if sampler in ACCEL_SAMPLERS and not tuple(getattr(model, "df_idxs", ())):
+    return [f"{prefix}sampler={sampler!r} needs the acceleration heads of DeepFlow's VeRA "
+            "blocks, but this model has no splits (model.df_idxs is empty: plain SiT); use "
+            f"one of {', '.join(s for s in SAMPLERS if s not in ACCEL_SAMPLERS)}"]
   return []
 
 
@@ -123,6 +234,74 @@ def num_noise_draws(sampler: str, num_steps: int) -> int:
   return num_steps - 1 if sampler == "sde" else 0
 
 
+def num_evaluations(sampler: str, num_steps: int) -> int:
+  """Network evaluations per sample (NFE): ``2 num_steps - 1`` for ``heun``, else ``num_steps``.
+
+  A guided step evaluates the network once on a doubled batch; it counts as one
+  evaluation here (guidance doubles the cost of the steps inside its interval).
+  """
+  _check_sampler(sampler, num_steps)
+  return 2 * num_steps - 1 if sampler == "heun" else int(num_steps)
+
+
+def steps_for_evaluations(sampler: str, nfe: int) -> int:
+  """The most steps whose NFE (``num_evaluations``) is at most ``nfe`` (>= 1)."""
+  if int(nfe) != nfe or nfe < 1:
+    raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+  steps = (int(nfe) + 1) // 2 if sampler == "heun" else int(nfe)
+  _check_sampler(sampler, steps)
+  return steps
+
+
+def multistep_coefficients(ts: np.ndarray, order: int) -> np.ndarray:
+  """Adams-Bashforth weights on a non-uniform grid, float64 (n, order) for n = len(ts) - 1.
+
+  Row ``i`` holds ``b_{ik}``, ``k = 0..order-1``, with ``x_{i+1} = x_i + sum_k
+  b_{ik} v(t_{i-k})``: ``b_{ik}`` integrates over ``[t_i, t_{i+1}]`` the Lagrange
+  basis polynomial of ``t_{i-k}`` through the ``m = min(order, i + 1)`` newest
+  grid times, so step ``i`` is exact for velocities polynomial in t of degree
+  ``< m``. Weights for history that does not exist yet are 0 (Euler start,
+  then lower orders until ``order`` points are known).
+  """
+  ts = np.asarray(ts, np.float64)
+  n = len(ts) - 1
+  out = np.zeros((n, order), np.float64)
+  for i in range(n):
+    m = min(order, i + 1)
+    nodes = ts[i - np.arange(m)] - ts[i]  # shifted so that t_i = 0: better conditioned
+    end = ts[i + 1] - ts[i]
+    for k in range(m):
+      basis = np.polynomial.Polynomial([1.0])
+      for j in range(m):
+        if j != k:
+          basis = basis * np.polynomial.Polynomial([-nodes[j], 1.0]) / (nodes[k] - nodes[j])
+      integral = basis.integ()
+      out[i, k] = integral(end) - integral(0.0)
+  return out
+
+
+def dpm2m_coefficients(ts: np.ndarray) -> np.ndarray:
+  """DPM-Solver++(2M) on the linear path: ``k_i`` (n,) float64 of ``x += dt v + k_i (x0_i - x0_{i-1})``.
+
+  ``k_i = (t_i - t_{i+1}) / (2 r_i t_i)`` with ``r_i = h_{i-1} / h_i``,
+  ``h_i = lambda(t_{i+1}) - lambda(t_i)``, ``lambda(t) = log((1 - t) / t)``;
+  ``k_i = 0`` (first order) on the first step, on a step whose previous step
+  started at ``t = 1`` (``h_{i-1}`` infinite) and on the last step to ``t = 0``.
+  """
+  ts = np.asarray(ts, np.float64)
+  n = len(ts) - 1
+  k = np.zeros(n, np.float64)
+  with np.errstate(divide="ignore"):
+    lam = np.log1p(-ts) - np.log(ts)  # -inf at t = 1, +inf at t = 0
+  for i in range(1, n):
+    t, s = ts[i], ts[i + 1]
+    if s <= 0 or not np.isfinite(lam[i - 1]):
+      continue
+    r = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
+    k[i] = (t - s) / (2.0 * r * t)
+  return k
+
+
 def _f32(a) -> jax.Array:
   return jnp.asarray(np.asarray(a, np.float64).astype(np.float32))
 
@@ -143,8 +322,25 @@ def sde_drift(v: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
   return v - t * score
 
 
+def accel_pair(velocities: Sequence[jax.Array], accelerations: Sequence[jax.Array],
+               pairing: str) -> tuple[jax.Array, jax.Array]:
+  """(v, a) of an ``accel*`` step from the K velocity and K - 1 acceleration heads.
+
+  ``"final-first"``: ``(v_{K-1}, a_0)``; ``"own"``: the means over ``j < K - 1`` of
+  ``v_j`` and ``a_j`` (the average of the K - 1 steps ``x + v_j dt + a_j dt^2 / 2``).
+  """
+  if pairing == "final-first":
+    return velocities[-1], accelerations[0]
+  if pairing == "own":
+    m = len(accelerations)
+    return sum(velocities[:m]) / m, sum(accelerations) / m
+  raise ValueError(f"unknown pairing {pairing!r}")
+
+
 def make_sampler(model, sampler: str = "sde", num_steps: int = 250, *,
-                 noise_input: bool = False) -> Callable[..., jax.Array]:
+                 noise_input: bool = False, grid: Optional[str] = None,
+                 grid_shift: float = DEFAULT_GRID_SHIFT,
+                 grid_rho: float = DEFAULT_GRID_RHO) -> Callable[..., jax.Array]:
   """The sampler as a pure, un-jitted function.
 
   Returns ``f(params, latents, labels, noise, cfg_scale, guidance_low,
@@ -155,10 +351,17 @@ def make_sampler(model, sampler: str = "sde", num_steps: int = 250, *,
     ``n`` uses ``normal(fold_in(keys[n], i), (H, W, C))``, so a sample's noise
     depends on its own key only (not on the batch it is in);
   * ``noise_input=True``: the Gaussian draws themselves, (num_steps - 1, N, H, W, C);
-  * ignored (pass ``None``) by the ODE samplers.
+  * ignored (pass ``None``) by every sampler but ``sde``.
+
+  ``grid``, ``grid_shift``, ``grid_rho``: the time grid (``time_grid``). The
+  ``model`` needs ``num_classes`` and ``apply`` with ``method=model.velocity``
+  (``accel*``: ``method=model.velocity_and_acceleration`` and ``df_idxs``).
   """
   _check_sampler(sampler, num_steps)
-  ts64 = time_grid(sampler, num_steps)
+  problems = accel_problems(model, sampler)
+  if problems:
+    raise UserError(problems[0])
+  ts64 = time_grid(sampler, num_steps, grid, grid_shift=grid_shift, grid_rho=grid_rho)
   dt64 = ts64[1:] - ts64[:-1]
   ts, dts = _f32(ts64), _f32(dt64)
   sqrt_g = _f32(np.sqrt(2.0 * ts64))  # sqrt(diffusion) = sqrt(2 t)
@@ -178,16 +381,19 @@ def make_sampler(model, sampler: str = "sde", num_steps: int = 250, *,
       v = model.apply({"params": params}, x, tt, labels_, method=model.velocity)
       return v.astype(jnp.float32)
 
-    def field(x, t, t_guide, to_field):
-      """to_field(v, x, t) (drift or velocity), guided when t_guide is in the interval."""
+    def field(x, t, t_guide, to_field, net=velocity):
+      """to_field(net(x, t), x, t) (drift, velocity, ...), guided when t_guide is in the interval.
+
+      ``net`` returns an array or a pytree of arrays; guidance combines every leaf.
+      """
 
       def guided(x):
         xx = _pair(x, x)
-        cond, uncond = _unpair(to_field(velocity(xx, t, y_pair), xx, t))
-        return uncond + w * (cond - uncond)
+        out = to_field(net(xx, t, y_pair), xx, t)
+        return jax.tree.map(lambda ab: (lambda c, u: u + w * (c - u))(*_unpair(ab)), out)
 
       def plain(x):
-        return to_field(velocity(x, t, y), x, t)
+        return to_field(net(x, t, y), x, t)
 
       use_cfg = (w > 1.0) & (lo <= t_guide) & (t_guide <= hi)
       return jax.lax.cond(use_cfg, guided, plain, x)
@@ -222,6 +428,57 @@ def make_sampler(model, sampler: str = "sde", num_steps: int = 250, *,
 
       return jax.lax.fori_loop(0, num_steps, step, x0)
 
+    if sampler in ("ab2", "ab3"):
+      order = MULTISTEP_ORDER[sampler]
+      coef = _f32(multistep_coefficients(ts64, order))
+
+      def ab_step(i, carry):
+        x, hist = carry  # hist: the previous order - 1 velocities, newest first
+        v = field(x, ts[i], ts[i], identity)
+        inc = coef[i, 0] * v
+        for k in range(1, order):
+          inc = inc + coef[i, k] * hist[k - 1]
+        return x + inc, jnp.concatenate([v[None], hist[:-1]])
+
+      hist0 = jnp.zeros((order - 1,) + x0.shape, jnp.float32)
+      return jax.lax.fori_loop(0, num_steps, ab_step, (x0, hist0))[0]
+
+    if sampler == "dpm2m":
+      kcoef = _f32(dpm2m_coefficients(ts64))
+
+      def dpm_step(i, carry):
+        x, d_prev = carry  # d_prev: the previous step's data prediction x - t v
+        v = field(x, ts[i], ts[i], identity)
+        d = x - ts[i] * v
+        return x + dts[i] * v + kcoef[i] * (d - d_prev), d
+
+      return jax.lax.fori_loop(0, num_steps, dpm_step, (x0, jnp.zeros_like(x0)))[0]
+
+    if sampler in ACCEL_SAMPLERS:
+      pairing, history = ACCEL_SAMPLERS[sampler]
+      half_dt2 = _f32(0.5 * dt64**2)
+      # Acceleration used at step i: learned * ca[i] + (v_i - v_{i-1}) * cf[i].
+      ca64, cf64 = np.ones(num_steps), np.zeros(num_steps)
+      if history == "ab2":
+        ca64[1:] = 0.0
+        cf64[1:] = 1.0 / dt64[:-1]
+      ca, cf = _f32(ca64), _f32(cf64)
+
+      def heads(x, t, labels_):
+        tt = jnp.full((x.shape[0],), t, jnp.float32)
+        vs, accs = model.apply({"params": params}, x, tt, labels_,
+                               method=model.velocity_and_acceleration)
+        v, a = accel_pair(vs, accs, pairing)
+        return v.astype(jnp.float32), a.astype(jnp.float32)
+
+      def accel_step(i, carry):
+        x, v_prev = carry
+        v, a = field(x, ts[i], ts[i], identity, net=heads)
+        a_hat = ca[i] * a + cf[i] * (v - v_prev) if history else a
+        return x + dts[i] * v + half_dt2[i] * a_hat, v
+
+      return jax.lax.fori_loop(0, num_steps, accel_step, (x0, jnp.zeros_like(x0)))[0]
+
     # heun: num_steps - 1 predictor-corrector steps, then one Euler step to t = 0.
     def heun_step(i, x):
       t, t_next, dt = ts[i], ts[i + 1], dts[i]
@@ -237,10 +494,25 @@ def make_sampler(model, sampler: str = "sde", num_steps: int = 250, *,
   return f
 
 
+def jitted_sampler(model, sampler: str, num_steps: int, noise_input: bool = False,
+                   grid: Optional[str] = None, grid_shift: float = DEFAULT_GRID_SHIFT,
+                   grid_rho: float = DEFAULT_GRID_RHO):
+  """``jax.jit(make_sampler(...))``, cached per (model, sampler, num_steps, noise_input, grid).
+
+  The grid is keyed canonically (the default grid by its name, a grid's
+  parameter only where it is used), so equal grids share one compilation.
+  """
+  _check_sampler(sampler, num_steps)
+  grid, param = _grid_key(sampler, grid, grid_shift, grid_rho)
+  return _jitted_sampler(model, sampler, int(num_steps), bool(noise_input), grid, param)
+
+
 @functools.lru_cache(maxsize=64)
-def jitted_sampler(model, sampler: str, num_steps: int, noise_input: bool = False):
-  """``jax.jit(make_sampler(...))``, cached per (model, sampler, num_steps, noise_input)."""
-  return jax.jit(make_sampler(model, sampler, num_steps, noise_input=noise_input))
+def _jitted_sampler(model, sampler: str, num_steps: int, noise_input: bool, grid: str,
+                    param: Optional[float]):
+  kw = {"shifted": {"grid_shift": param}, "poly": {"grid_rho": param}}.get(grid, {})
+  return jax.jit(make_sampler(model, sampler, num_steps, noise_input=noise_input, grid=grid,
+                              **kw))
 
 
 def _as_keys(rng, n: int) -> jax.Array:
@@ -257,7 +529,9 @@ def _as_keys(rng, n: int) -> jax.Array:
 
 def sample(model, params, latents, labels, *, sampler: str = "sde", num_steps: int = 250,
            cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
-           rng: Optional[Any] = None, noise: Optional[Any] = None) -> jax.Array:
+           rng: Optional[Any] = None, noise: Optional[Any] = None, grid: Optional[str] = None,
+           grid_shift: float = DEFAULT_GRID_SHIFT,
+           grid_rho: float = DEFAULT_GRID_RHO) -> jax.Array:
   """Draws samples; returns the final state (N, H, W, C) float32 (NHWC).
 
   Args:
@@ -265,16 +539,21 @@ def sample(model, params, latents, labels, *, sampler: str = "sde", num_steps: i
     params: its parameters (e.g. EMA weights).
     latents: the starting noise at t = 1, (N, H, W, C).
     labels: (N,) class ids in ``[0, num_classes]`` (``num_classes`` = null label).
-    sampler: ``"sde"`` (the reference's Euler-Maruyama), ``"euler"`` or ``"heun"``
-      (probability-flow ODE); see the module docstring for grids and step counts.
+    sampler: one of ``SAMPLERS``: ``"sde"`` (the reference's Euler-Maruyama),
+      the ODE solvers ``"euler"``, ``"heun"``, ``"ab2"``, ``"ab3"``,
+      ``"dpm2m"``, or the acceleration-aware ``"accel"``, ``"accel-own"``,
+      ``"accel-ab2"``; see the module docstring for steps and NFE.
     num_steps: number of grid intervals (static: a new value compiles anew).
     cfg_scale: guidance scale ``w``; ``w <= 1`` disables guidance (as the reference).
     guidance_low, guidance_high: guidance is applied on steps whose start time
       ``t_cur`` satisfies ``guidance_low <= t_cur <= guidance_high``.
     rng: for ``sde``: a PRNG key (split into one key per sample) or N per-sample
-      keys; unused by the ODE samplers.
+      keys; unused by the other samplers.
     noise: for ``sde``: the Gaussian draws (num_steps - 1, N, H, W, C) to use
       instead of ``rng`` (e.g. a reference run's noise).
+    grid: one of ``GRIDS`` or None for the sampler's default (``reference``
+      for ``sde``, ``uniform`` otherwise); static.
+    grid_shift: ``s`` of the ``shifted`` grid; grid_rho: ``rho`` of ``poly``.
   """
   _check_sampler(sampler, num_steps)
   latents = jnp.asarray(latents, jnp.float32)
@@ -299,7 +578,7 @@ def sample(model, params, latents, labels, *, sampler: str = "sde", num_steps: i
       raise ValueError("the sde sampler needs rng (a PRNG key) or noise")
   else:
     noise = None
-  fn = jitted_sampler(model, sampler, int(num_steps), noise_input)
+  fn = jitted_sampler(model, sampler, int(num_steps), noise_input, grid, grid_shift, grid_rho)
   scalars = [jnp.asarray(v, jnp.float32) for v in (cfg_scale, guidance_low, guidance_high)]
   return fn(params, latents, labels, noise, *scalars)
 
@@ -333,7 +612,9 @@ def sample_inputs(model, seed: int, indices: jax.Array, labels_mode: str = "cycl
 
 
 def make_batch_sampler(model, mesh: Mesh, *, sampler: str = "sde", num_steps: int = 250,
-                       seed: int = 0, labels_mode: str = "cycle"):
+                       seed: int = 0, labels_mode: str = "cycle", grid: Optional[str] = None,
+                       grid_shift: float = DEFAULT_GRID_SHIFT,
+                       grid_rho: float = DEFAULT_GRID_RHO):
   """A jitted, data-parallel ``f(params, indices, labels, cfg_scale, low, high) -> (x, y)``.
 
   ``indices`` (B,) int32 are global sample indices (their noise comes from
@@ -342,10 +623,12 @@ def make_batch_sampler(model, mesh: Mesh, *, sampler: str = "sde", num_steps: in
   must be a multiple of ``mesh.size``; the batch is sharded over the mesh's
   first axis and the parameters replicated. Returns the final states ``x``
   (B, H, W, C) float32 and the labels ``y``, both sharded like the batch.
+  ``grid``, ``grid_shift``, ``grid_rho``: the time grid (``time_grid``).
   """
   if labels_mode not in LABEL_MODES + ("given",):
     raise ValueError(f"labels_mode must be one of {LABEL_MODES + ('given',)}, got {labels_mode!r}")
-  sample_fn = make_sampler(model, sampler, num_steps)
+  sample_fn = make_sampler(model, sampler, num_steps, grid=grid, grid_shift=grid_shift,
+                           grid_rho=grid_rho)
   uses_noise = num_noise_draws(sampler, num_steps) > 0
   data = NamedSharding(mesh, P(mesh.axis_names))
   repl = shd.replicated(mesh)
@@ -369,11 +652,18 @@ def gather(x: jax.Array) -> np.ndarray:
   return np.asarray(x)
 
 
+class StopSampling(Exception):
+  """``sample_many`` was asked to stop (``should_stop``) before it finished."""
+
+
 def sample_many(model, params, labels: Sequence[int], *, seed: int = 0,
                 per_device_batch: int = 16, mesh: Optional[Mesh] = None, sampler: str = "sde",
                 num_steps: int = 250, cfg_scale: float = 1.0, guidance_low: float = 0.0,
                 guidance_high: float = 1.0, start_index: int = 0,
-                progress: Optional[str] = None) -> np.ndarray:
+                progress: Optional[str] = None,
+                should_stop: Optional[Callable[[], bool]] = None, grid: Optional[str] = None,
+                grid_shift: float = DEFAULT_GRID_SHIFT,
+                grid_rho: float = DEFAULT_GRID_RHO) -> np.ndarray:
   """Samples for ``labels`` in data-parallel batches; numpy (N, H, W, C) float32 on every process.
 
   Sample ``k`` gets index ``start_index + k``: its starting noise and SDE
@@ -382,13 +672,17 @@ def sample_many(model, params, labels: Sequence[int], *, seed: int = 0,
   batch size or device count. ``mesh`` defaults to a 1-D mesh over every
   device; the batch is ``per_device_batch x mesh.size`` (the last one padded).
   ``progress`` names a progress line (rate, ETA) printed by process 0.
+  ``should_stop()`` is asked after every batch; when it says so, sampling stops
+  and ``StopSampling`` is raised (e.g. SIGTERM during a long end-of-run phase).
+  ``grid``, ``grid_shift``, ``grid_rho``: the time grid (``time_grid``).
   """
   mesh = mesh if mesh is not None else shd.data_mesh()
   labels = np.asarray(labels, np.int32).reshape(-1)
   n = len(labels)
   batch = int(per_device_batch) * mesh.size
   fn = make_batch_sampler(model, mesh, sampler=sampler, num_steps=num_steps, seed=seed,
-                          labels_mode="given")
+                          labels_mode="given", grid=grid, grid_shift=grid_shift,
+                          grid_rho=grid_rho)
   params = jax.device_put(params, shd.replicated(mesh))
   scalars = [jnp.asarray(v, jnp.float32) for v in (cfg_scale, guidance_low, guidance_high)]
   data = NamedSharding(mesh, P(mesh.axis_names))
@@ -408,6 +702,8 @@ def sample_many(model, params, labels: Sequence[int], *, seed: int = 0,
     out.append(gather(x)[:count])
     if bar is not None:
       bar.update(count)
+    if should_stop is not None and should_stop() and start + batch < n:
+      raise StopSampling(f"stopped after {start + count} of {n} samples")
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

@@ -590,6 +590,38 @@ class DeepFlow(nn.Module):
         j += 1
     return self._head(self.final_layer[1], h, c)
 
+  def velocity_and_acceleration(self, x: Array, t: Array,
+                                y: Array) -> tuple[list[Array], list[Array]]:
+    """Every velocity and acceleration head with every branch at the same time t (N,).
+
+    What the acceleration-aware samplers use (``docs/sampling.md``): one
+    forward pass with time gap 0 at every VeRA block, as ``velocity``, but also
+    evaluating the intermediate velocity heads and the acceleration head after
+    each VeRA block. Returns ``(velocities, accelerations)``: lists of K and
+    K - 1 arrays (N, H, W, C) float32, equal to the first two outputs of
+    ``__call__(x, [t] * K, y)``. The projectors are not computed; under ``jit``
+    heads whose output is unused are dropped. Raises ValueError for a model
+    without splits (plain SiT has no acceleration head).
+    """
+    if not self.df_idxs:
+      raise ValueError("this model has no VeRA blocks (df_idxs=()), so it predicts no "
+                       "acceleration: use a sampler without 'accel' in its name")
+    s, e_y = self._embed(x, y, False)
+    c = self.t_embedder(t) + e_y
+    gap = self.dt_embedder(jnp.zeros_like(jnp.asarray(t, jnp.float32)))
+    h = s
+    velocities, accelerations = [], []
+    j = 0
+    for i, block in enumerate(self.blocks, start=1):
+      h = block(h, c)
+      if i in self.df_idxs:
+        velocities.append(self._head(self.final_layer[0], h, c))
+        a, h = self.df_blocks[j](h, s, gap)
+        accelerations.append(self._head(self.final_acc_layer, a, c))
+        j += 1
+    velocities.append(self._head(self.final_layer[1], h, c))
+    return velocities, accelerations
+
 
 def architecture_problems(m, prefix: str = "") -> list[str]:
   """Every inconsistent architecture value of ``m`` (a DeepFlow or config.model), named.
