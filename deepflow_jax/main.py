@@ -41,6 +41,9 @@ _DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')
 
 def _flag_error(argv, e: BaseException) -> str:
   """One line for a flag that absl / ml_collections could not parse."""
+  config_flag = next((a for a in argv[1:] if a.startswith("--config=")), None)
+  if config_flag and not os.path.isfile(config_flag.split("=", 1)[1].split(":", 1)[0]):
+    return _config_error(argv, e)  # overrides of a missing file fail first: name the file
   text = str(e).replace("\\n", "\n").replace("\\'", "'")
   overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
   m = _DID_YOU_MEAN.search(text)
@@ -56,7 +59,6 @@ def _flag_error(argv, e: BaseException) -> str:
   useful = [l for l in lines if not l.startswith(("Traceback", "File ", "Pass --help"))]
   msg = useful[-1] if useful else type(e).__name__
   msg = re.sub(r"^(FATAL Flags parsing error: |\w+Error: )", "", msg)
-  config_flag = next((a for a in argv[1:] if a.startswith("--config=")), None)
   if config_flag and "config argument" in msg:
     msg = f"{config_flag}: {msg}"
   return msg
