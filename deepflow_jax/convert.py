@@ -28,6 +28,7 @@ import sys
 import jax
 import numpy as np
 
+from deepflow_jax import outputs
 from deepflow_jax.errors import ArgumentParser
 from deepflow_jax.errors import cli_main
 from deepflow_jax.models.conversion import load_torch_checkpoint
@@ -97,6 +98,7 @@ def _export(a) -> int:
     raise ConversionError("--layout=reference writes a .pt file (a nested dict); use a .pt "
                           "--output or --layout=state_dict")
   model, params = load_converted(a.input)
+  outputs.remove_stale_tmp(os.path.dirname(out), owned=lambda path: path == out)  # a killed export
   if a.layout == "reference":
     obj = reference_checkpoint(model, params)
     n = len(obj["ema"])

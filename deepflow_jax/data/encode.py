@@ -33,9 +33,10 @@ share the output folder. The final files are written when every shard is done:
 
 Determinism: a rerun with the same settings skips finished shards and redoes
 unfinished ones, so an interrupted run resumed ends with the same files as an
-uninterrupted one. Batch size, worker and device counts may change between runs
-(on CPU the results are bitwise identical; accelerators may pick different
-kernels for other per-device batch shapes).
+uninterrupted one. Batch size, worker and device counts may change between runs:
+crops, order and labels stay identical; latents of redone shards may differ by
+float32 noise when the per-device batch shape changes (the backend's kernels
+depend on it: up to 6e-6 seen on CPU).
 """
 from __future__ import annotations
 
