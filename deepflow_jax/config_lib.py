@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -133,6 +134,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.cfg_scale = 1.0
   c.sample.guidance_low = 0.0
   c.sample.guidance_high = 1.0
+  # Time grid (docs/sampling.md): "" = the sampler's default ("reference" for sde, else
+  # "uniform"), or uniform | shifted | poly | reference; grid_shift is s of "shifted",
+  # grid_rho is rho of "poly".
+  c.sample.grid = ""
+  c.sample.grid_shift = sampling.DEFAULT_GRID_SHIFT
+  c.sample.grid_rho = sampling.DEFAULT_GRID_RHO
   c.sample.grid_per_class = 8  # grid columns; one row per class shown
   c.sample.grid_classes = 10  # rows in the periodic sample grid (0: no grids)
   c.sample.vae = ""  # diffusers VAE dir (or converted) to decode latent grids
@@ -259,7 +266,7 @@ def validate(config) -> None:
                        ("optim.schedule", ("constant", "cosine")),
                        ("distributed.initialize", ("auto", "always", "never")),
                        ("data.name", ("digits", "repa", "arrayrecord")),
-                       ("sample.sampler", ("sde", "euler", "heun"))):
+                       ("sample.sampler", sampling.SAMPLERS)):
     sec, name = key.split(".")
     if config[sec][name] not in allowed:
       problems.append(f"{key}={config[sec][name]!r} is not one of {allowed}")
@@ -324,5 +331,4 @@ def validate(config) -> None:
 
 def to_json_dict(config) -> dict:
   """The resolved config as JSON-able data (tuples become lists)."""
-  import json  # pylint: disable=g-import-not-at-top
   return json.loads(config.to_json())

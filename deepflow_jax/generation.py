@@ -36,7 +36,8 @@ Output directory (rules of ``deepflow_jax.outputs``):
 
 * ``manifest.json``: the settings that determine the samples (checkpoint,
   architecture, a digest of the parameters, sampler, steps, guidance, seed,
-  labels, count, VAE, dtype). A rerun with different settings is refused and
+  labels, count, VAE, dtype; the time grid and its parameter when it is not the
+  sampler's default). A rerun with different settings is refused and
   nothing is touched; batch size and device count may change between runs.
 * ``latents/batch_SSSSSSSS.npy`` (final states, NHWC float32) and
   ``labels/batch_SSSSSSSS.npy`` (int32) for the samples ``SSSSSSSS ..``, each
@@ -97,6 +98,23 @@ class GenerationSettings:
   seed: int = 0
   labels: str = "random"  # "random" | "cycle"
   dtype: str = "float32"  # the model's compute dtype (recorded; the model already has it)
+  grid: str = ""  # time grid (sampling.GRIDS); "" = the sampler's default
+  grid_shift: float = sampling.DEFAULT_GRID_SHIFT  # s of the "shifted" grid
+  grid_rho: float = sampling.DEFAULT_GRID_RHO  # rho of the "poly" grid
+
+  def grid_kwargs(self) -> dict[str, Any]:
+    """The grid as keyword arguments of the sampling functions."""
+    return dict(grid=self.grid or None, grid_shift=float(self.grid_shift),
+                grid_rho=float(self.grid_rho))
+
+  def grid_manifest(self) -> dict[str, Any]:
+    """The grid as recorded in the manifest: nothing for the sampler's default grid (so
+    folders written before grids existed resume), else its name and its one parameter."""
+    grid = self.grid or sampling.default_grid(self.sampler)
+    if grid == sampling.default_grid(self.sampler):
+      return {}
+    param = {"shifted": "grid_shift", "poly": "grid_rho"}.get(grid)
+    return {"grid": grid, **({param: float(getattr(self, param))} if param else {})}
 
   def problems(self) -> list[str]:
     """Every invalid value, named by its command-line flag."""
@@ -107,6 +125,7 @@ class GenerationSettings:
       out.append(f"--sampler must be one of {', '.join(sampling.SAMPLERS)}, got {self.sampler!r}")
     else:
       out += sampling.step_problems(self.sampler, self.num_steps, flag="--num_steps")
+    out += sampling.grid_problems(self.grid, self.grid_shift, self.grid_rho, prefix="--")
     if not 0 <= self.seed < 2**31:
       out.append(f"--seed must be in [0, 2**31), got {self.seed}")
     out += sampling.guidance_problems(self.cfg_scale, self.guidance_low, self.guidance_high,
@@ -254,9 +273,15 @@ def folder_settings(model, params, settings: GenerationSettings, *, checkpoint: 
       "params_digest": outputs.tree_digest(params),
       **{k: d[k] for k in ("dtype", "sampler", "num_steps", "cfg_scale", "guidance_low",
                            "guidance_high", "seed", "labels", "num_samples")},
+      **settings.grid_manifest(),
       "vae": os.path.abspath(vae_path) if vae_path else None,
       "images": with_images,
   }
+
+
+def _grid_text(settings: GenerationSettings) -> str:
+  g = settings.grid_manifest()
+  return "".join(f" {k}={v}" for k, v in g.items()) if g else ""
 
 
 def generate_to_folder(model, params, output: str, settings: GenerationSettings, *,
@@ -285,6 +310,7 @@ def generate_to_folder(model, params, output: str, settings: GenerationSettings,
   problems = settings.problems()
   if per_device_batch < 1:
     problems.append(f"--per_device_batch must be >= 1, got {per_device_batch}")
+  problems += sampling.accel_problems(model, settings.sampler, prefix="--")
   if problems:
     raise UserError("; ".join(problems))
   pixel_space = model.in_channels in (1, 3)
@@ -327,7 +353,8 @@ def generate_to_folder(model, params, output: str, settings: GenerationSettings,
   n_done = n - sum(c for _, c in todo)
   log(f"[generate] {n} samples -> {out}: {n_done} already done, {len(todo)} batches of up to "
       f"{batch} ({mesh.size} devices x {per_device_batch}) to go; sampler {settings.sampler}, "
-      f"{settings.num_steps} steps, cfg {settings.cfg_scale} in [{settings.guidance_low}, "
+      f"{settings.num_steps} steps{_grid_text(settings)}, cfg {settings.cfg_scale} in "
+      f"[{settings.guidance_low}, "
       f"{settings.guidance_high}]" + (" (resumed)" if resumed else ""))
   if not with_images:
     log("[generate] latent model and no --vae: writing latents only (no PNGs, no arr_0); "
@@ -335,7 +362,7 @@ def generate_to_folder(model, params, output: str, settings: GenerationSettings,
 
   gen = sampling.make_batch_sampler(model, mesh, sampler=settings.sampler,
                                     num_steps=settings.num_steps, seed=settings.seed,
-                                    labels_mode=settings.labels)
+                                    labels_mode=settings.labels, **settings.grid_kwargs())
   decode = images_lib.make_decoder(vae, mesh) if vae is not None else None
   params = jax.device_put(params, repl)
   scalars = [jnp.asarray(v, jnp.float32)
@@ -350,9 +377,9 @@ def generate_to_folder(model, params, output: str, settings: GenerationSettings,
       indices = jax.make_array_from_callback((batch,), data, lambda s, idx=idx: idx[s])
       x, y = gen(params, indices, no_labels, *scalars)
       images = decode(x) if decode is not None else None
-      x, y = sampling.gather(x)[:count], sampling.gather(y)[:count]
+      x, y = shd.host_array(x)[:count], shd.host_array(y)[:count]
       if images is not None:
-        images = sampling.gather(images)[:count]
+        images = shd.host_array(images)[:count]
       elif pixel_space:
         images = x
       if jax.process_index() == 0:

@@ -105,7 +105,6 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepflow_jax import sharding as shd
@@ -645,13 +644,6 @@ def make_batch_sampler(model, mesh: Mesh, *, sampler: str = "sde", num_steps: in
                  out_shardings=(data, data))
 
 
-def gather(x: jax.Array) -> np.ndarray:
-  """A (possibly multi-host) sharded array -> the whole array as numpy on every process."""
-  if not x.is_fully_addressable:
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(x)
-
-
 class StopSampling(Exception):
   """``sample_many`` was asked to stop (``should_stop``) before it finished."""
 
@@ -699,7 +691,7 @@ def sample_many(model, params, labels: Sequence[int], *, seed: int = 0,
     idx_arr = jax.make_array_from_callback((batch,), data, lambda s, a=idx: a[s])
     lab_arr = jax.make_array_from_callback((batch,), data, lambda s, a=lab: a[s])
     x, _ = fn(params, idx_arr, lab_arr, *scalars)
-    out.append(gather(x)[:count])
+    out.append(shd.host_array(x)[:count])
     if bar is not None:
       bar.update(count)
     if should_stop is not None and should_stop() and start + batch < n:

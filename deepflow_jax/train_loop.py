@@ -89,8 +89,13 @@ def check_data_matches_model(info, model) -> None:
 def sample_kwargs(config) -> dict[str, Any]:
   """The sampler settings of ``config.sample`` as keyword arguments of the sampling functions."""
   s = config.sample
-  return dict(sampler=s.sampler, num_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
-              guidance_low=float(s.guidance_low), guidance_high=float(s.guidance_high))
+  out = dict(sampler=s.sampler, num_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
+             guidance_low=float(s.guidance_low), guidance_high=float(s.guidance_high))
+  # Time grid; configs written before the grid settings existed sample on the default grid.
+  out.update(grid=s.get("grid", "") or None,
+             grid_shift=float(s.get("grid_shift", sampling.DEFAULT_GRID_SHIFT)),
+             grid_rho=float(s.get("grid_rho", sampling.DEFAULT_GRID_RHO)))
+  return out
 
 
 def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None]] = None
@@ -179,7 +184,7 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
     count = len(x)
     batch = -(-count // mesh.size) * mesh.size
     x = np.pad(np.asarray(x, np.float32), [(0, batch - count)] + [(0, 0)] * 3)
-    return images_lib.to_uint8(sampling.gather(decoder["fn"](x))[:count], rgb=True)
+    return images_lib.to_uint8(shd.host_array(decoder["fn"](x))[:count], rgb=True)
 
   def fid_eval(at_step) -> dict[str, float]:
     """ADM metrics of eval.fid_num_samples EMA samples; logged and returned as eval/*."""

@@ -10,6 +10,7 @@ and times ``--steps`` steps.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import time
 
@@ -25,7 +26,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _parse(value: str):
-  import ast  # pylint: disable=g-import-not-at-top
   try:
     return ast.literal_eval(value)
   except (ValueError, SyntaxError):

@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
 
 from deepflow_jax.errors import UserError
 
@@ -38,7 +40,6 @@ DEFAULT_SPLIT_SEED = 0
 @functools.lru_cache(maxsize=1)
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
   """The bundled digits: images float64 (1797, 8, 8) in 0..16, labels int (1797,)."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   bunch = load_digits()
   images = np.asarray(bunch.images, np.float64)
   labels = np.asarray(bunch.target, np.int64)
@@ -58,7 +59,6 @@ def resize_images(images: np.ndarray, image_size: int) -> np.ndarray:
   The input is expected in [-1, 1]; the output is clipped to [-1, 1] and float32.
   If the images already have the requested size they are only cast to float32.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   images = np.asarray(images, np.float32)
   if images.ndim != 3:
     raise ValueError(f"expected (N, h, w) images, got shape {images.shape}")

@@ -43,6 +43,7 @@ import scipy.linalg
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepflow_jax.errors import UserError
+from deepflow_jax.sharding import host_array
 
 # ADM's FID offset when the first matrix square root is not finite.
 FID_EPS = 1e-6
@@ -271,14 +272,6 @@ def _put(x: np.ndarray, sharding) -> jax.Array:
   if sharding is None:
     return jnp.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def host_array(x: jax.Array) -> np.ndarray:
-  """A sharded (possibly multi-host) array as one numpy array on every process."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def manifold_radii(feats, k: int = PR_NEIGHBOURHOOD, *, distance: str = "float16",

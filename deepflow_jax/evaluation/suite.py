@@ -52,6 +52,7 @@ from deepflow_jax.evaluation import inception as inception_lib
 from deepflow_jax.evaluation import metrics
 from deepflow_jax.progress import Progress, format_duration
 from deepflow_jax.sharding import data_mesh
+from deepflow_jax.sharding import host_array
 
 IMAGES_KEY = "arr_0"
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -481,7 +482,7 @@ def run_feature_pass(model, params, images, accumulator: FeatureAccumulator, *,
   def consume(item):
     nonlocal done
     out, count = item
-    accumulator.update({k: metrics.host_array(v)[:count] for k, v in out.items()})
+    accumulator.update({k: host_array(v)[:count] for k, v in out.items()})
     done += count
     if progress is not None:
       progress.update(count)
