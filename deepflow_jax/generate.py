@@ -1,7 +1,9 @@
 """Command line: data-parallel, resumable sample generation (latents, images, ADM ``.npz``).
 
     python -m deepflow_jax.generate --checkpoint=DIR --output=OUT --num_samples=50000 \\
-        [--sampler=sde|euler|heun] [--num_steps=250] [--cfg_scale=1.0] \\
+        [--sampler=sde|euler|heun|ab2|ab3|dpm2m|accel|accel-own|accel-ab2] \\
+        [--num_steps=250] [--grid=uniform|shifted|poly|reference] [--grid_shift=3] \\
+        [--grid_rho=2] [--cfg_scale=1.0] \\
         [--guidance_low=0.0] [--guidance_high=1.0] [--per_device_batch=16] [--seed=0] \\
         [--labels=random|cycle] [--vae=VAE_DIR] [--dtype=float32|bfloat16]
 
@@ -31,6 +33,7 @@ from deepflow_jax.generation import GenerationSettings
 from deepflow_jax.generation import generate_to_folder
 from deepflow_jax.models.loading import SAMPLING_DTYPES
 from deepflow_jax.models.loading import load_model
+from deepflow_jax.models.loading import workdir_latent_scale
 from deepflow_jax.signals import StopRequests
 
 
@@ -42,8 +45,23 @@ def _parser() -> ArgumentParser:
                  "training workdir (python -m deepflow_jax.main; its newest EMA weights)")
   p.add_argument("--output", required=True, help="output directory (created; resumable)")
   p.add_argument("--num_samples", type=int, required=True)
-  p.add_argument("--sampler", default="sde", choices=sampling.SAMPLERS)
-  p.add_argument("--num_steps", type=int, default=250, help="sampler steps (time-grid intervals)")
+  p.add_argument("--sampler", default="sde", choices=sampling.SAMPLERS,
+                 help="sde: the reference's Euler-Maruyama (the paper's FIDs, 250 steps); "
+                 "euler, heun (2 evaluations per step but the last), ab2, ab3 (Adams-Bashforth), "
+                 "dpm2m (DPM-Solver++(2M)): probability-flow ODE; accel, accel-own, accel-ab2: "
+                 "steps x + v dt + a dt^2/2 with DeepFlow's predicted acceleration (not for "
+                 "SiT); see docs/sampling.md")
+  p.add_argument("--num_steps", type=int, default=250,
+                 help="sampler steps (time-grid intervals); network evaluations per sample "
+                 "are num_steps, or 2 num_steps - 1 for heun")
+  p.add_argument("--grid", default="", choices=("",) + sampling.GRIDS,
+                 help="time grid: '' = the sampler's default (reference for sde: "
+                 "linspace(1, 0.04, n) then 0; uniform for the others); shifted: "
+                 "t' = s t / (1 + (s - 1) t); poly: t' = t^rho")
+  p.add_argument("--grid_shift", type=float, default=sampling.DEFAULT_GRID_SHIFT,
+                 help="s of --grid=shifted (> 1: more steps near the noise)")
+  p.add_argument("--grid_rho", type=float, default=sampling.DEFAULT_GRID_RHO,
+                 help="rho of --grid=poly (> 1: more steps near the data)")
   p.add_argument("--cfg_scale", type=float, default=1.0, help="guidance scale; <= 1: none")
   p.add_argument("--guidance_low", type=float, default=0.0,
                  help="guide steps whose time t (1 = noise, 0 = data) is >= this")
@@ -75,7 +93,8 @@ def main(argv=None):
   settings = GenerationSettings(
       num_samples=a.num_samples, sampler=a.sampler, num_steps=a.num_steps,
       cfg_scale=a.cfg_scale, guidance_low=a.guidance_low, guidance_high=a.guidance_high,
-      seed=a.seed, labels=a.labels, dtype=a.dtype)
+      seed=a.seed, labels=a.labels, dtype=a.dtype, grid=a.grid, grid_shift=a.grid_shift,
+      grid_rho=a.grid_rho)
   problems = settings.problems()
   if a.per_device_batch < 1:
     problems.append(f"--per_device_batch must be >= 1, got {a.per_device_batch}")
@@ -100,6 +119,7 @@ def main(argv=None):
   vae = vae_lib.load_diffusers_vae(a.vae) if a.vae else None
   result = generate_to_folder(model, params, a.output, settings,
                               per_device_batch=a.per_device_batch, vae=vae, vae_path=a.vae,
+                              latent_scale=workdir_latent_scale(a.checkpoint),
                               checkpoint=a.checkpoint, stop_after_batches=a.stop_after_batches)
   if result.samples_npz is None or not a.reference:
     return result.stopped or 0
