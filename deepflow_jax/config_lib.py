@@ -45,8 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.class_dropout_prob = 0.1
   m.df_idxs = (8, 16)
   m.projector_dim = 2048
-  m.ssl_align = False
-  m.z_dim = 768
+  m.ssl_align = False  # REPA alignment of each split's tokens with a frozen DINOv2
+  m.z_dim = 768  # the projectors' output width = the encoder's feature width
+  m.encoder_path = ""  # ssl_align: the DINOv2 weights, e.g. dinov2_vitb14_pretrain.pth
+  m.encoder_num_heads = 0  # ssl_align: the encoder's heads; 0 = the official table by width
   m.legacy_scaling = False
   m.qk_norm = False
   m.attention_impl = ""  # "" (XLA picks), "xla", "cudnn"
@@ -81,8 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.ckpt_every = 10_000
   c.train.keep_ckpts = 3
   c.train.sample_every = 50_000  # PNG grid of EMA samples; 0 = only at the end
-  c.train.init_from = ""  # a converted checkpoint dir to fine-tune from
-  c.train.init_weights = "ema"  # which weights of init_from: converted dirs hold one set
+  c.train.init_from = ""  # a converted checkpoint dir to fine-tune from (its one set of weights)
   c.train.debug_sigkill_at_step = -1  # testing aid: SIGKILL itself after this step
 
   # The input pipeline's own keys (deepflow_jax.data.pipeline, whose
@@ -321,8 +322,19 @@ def validate(config) -> None:
       problems.append(f"model.input_size={m.input_size} differs from data.image_size="
                       f"{config.data.image_size}")
   if m.ssl_align:
-    problems.append("model.ssl_align=True: training with REPA alignment needs an image encoder "
-                    "that this version does not ship; set model.ssl_align=False")
+    if not idxs:
+      problems.append("model.ssl_align=True aligns each split's tokens, but model.df_idxs=() "
+                      "has no splits")
+    if config.data.name == "digits":
+      problems.append("model.ssl_align=True needs latent data with raw images (data.name 'repa' "
+                      "or 'arrayrecord'), not 'digits'")
+    if not m.encoder_path:
+      problems.append("model.ssl_align=True needs model.encoder_path: the DINOv2 weights file "
+                      "(e.g. dinov2_vitb14_pretrain.pth)")
+    elif not os.path.isfile(m.encoder_path):
+      problems.append(f"model.encoder_path={m.encoder_path!r}: no such file")
+    if m.encoder_num_heads < 0:
+      problems.append(f"model.encoder_num_heads={m.encoder_num_heads} must be >= 0 (0: by width)")
   if config.mesh.data == 0 or config.mesh.fsdp == 0:
     problems.append("mesh.data and mesh.fsdp must be positive or -1")
   if problems:

@@ -286,7 +286,8 @@ def _grid_text(settings: GenerationSettings) -> str:
 
 def generate_to_folder(model, params, output: str, settings: GenerationSettings, *,
                        per_device_batch: int = 16, vae: Optional[tuple[Any, Any]] = None,
-                       vae_path: Optional[str] = None, checkpoint: str = "",
+                       vae_path: Optional[str] = None, latent_scale: Optional[float] = None,
+                       checkpoint: str = "",
                        stop_after_batches: Optional[int] = None,
                        log: Callable[[str], None] = _print0) -> GenerationResult:
   """Generates ``settings.num_samples`` samples into ``output``, resuming what is there.
@@ -297,7 +298,9 @@ def generate_to_folder(model, params, output: str, settings: GenerationSettings,
     settings: the sampler and sample settings (recorded in the manifest).
     per_device_batch: samples per device per step (free to change between runs).
     vae: ``(module, params)`` of an SD-VAE to decode latents into images;
-      ``vae_path`` is recorded in the manifest.
+      ``vae_path`` is recorded in the manifest. ``latent_scale``: images are
+      ``vae.decode(z / latent_scale)``; default the VAE's own scaling factor (pass
+      the training data's, ``load_model``'s workdirs record it, when it differs).
     checkpoint: where the weights came from (recorded).
     stop_after_batches: stop after that many batches (testing aid).
     log: where progress lines go (process 0 prints by default).
@@ -326,6 +329,8 @@ def generate_to_folder(model, params, output: str, settings: GenerationSettings,
   out = folder.path
   manifest = folder_settings(model, params, settings, checkpoint=checkpoint, vae_path=vae_path,
                              with_images=with_images)
+  if vae is not None and latent_scale is not None:
+    manifest["latent_scale"] = float(latent_scale)
   mesh = shd.data_mesh()
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   repl = shd.replicated(mesh)
@@ -363,7 +368,8 @@ def generate_to_folder(model, params, output: str, settings: GenerationSettings,
   gen = sampling.make_batch_sampler(model, mesh, sampler=settings.sampler,
                                     num_steps=settings.num_steps, seed=settings.seed,
                                     labels_mode=settings.labels, **settings.grid_kwargs())
-  decode = images_lib.make_decoder(vae, mesh) if vae is not None else None
+  decode = (images_lib.make_decoder(vae, mesh, latent_scale=latent_scale)
+            if vae is not None else None)
   params = jax.device_put(params, repl)
   scalars = [jnp.asarray(v, jnp.float32)
              for v in (settings.cfg_scale, settings.guidance_low, settings.guidance_high)]

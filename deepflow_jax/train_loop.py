@@ -49,6 +49,7 @@ from deepflow_jax.metric_writer import MetricWriter
 from deepflow_jax.models.loading import is_converted_dir
 from deepflow_jax.models.loading import load_converted
 from deepflow_jax.models.loading import model_from_config
+from deepflow_jax.progress import Progress
 from deepflow_jax.progress import format_duration
 from deepflow_jax.progress import format_rate
 from deepflow_jax.signals import StopRequests
@@ -126,7 +127,11 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
   platform = jax.default_backend()
   mesh = shd.make_mesh(config)
   model = model_from_config(config, platform, log=log)
-  source = pipeline.make_source(config.data)  # built once: the REPA layout walks its folder
+  encoder = encoder_params = None
+  if model.ssl_align:  # the frozen DINOv2 of model.encoder_path (checked before any compile)
+    encoder, encoder_params = train_lib.load_alignment_encoder(config, model)
+  # Built once: the REPA layout walks its folder. SSL alignment reads the raw images too.
+  source = pipeline.make_source(config.data, images=model.ssl_align)
   info = source.info
   check_data_matches_model(info, model)
   log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({platform}), "
@@ -134,8 +139,14 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
       f"({info.num_examples:,} examples of {tuple(info.shape)}); compute dtype "
       f"{np.dtype(model.dtype).name}")
 
+  if encoder is not None:
+    log(f"SSL alignment: DINOv2 ({encoder.depth} blocks, width {encoder.embed_dim}) from "
+        f"{config.model.encoder_path} on {encoder.pos_grid}x{encoder.pos_grid} patches of "
+        f"{encoder.patch_size * encoder.pos_grid}-pixel inputs (images {info.image_shape}), "
+        f"projection weight {float(config.loss.proj_coeff)}")
   trainer = train_lib.Trainer(config, model, mesh, latent=info.is_latent,
-                              latent_scale=info.latent_scale)
+                              latent_scale=info.latent_scale, encoder=encoder,
+                              encoder_params=encoder_params)
   ckpt = Checkpointer(workdir, keep=int(t.keep_ckpts))  # creates nothing until the first save
   data_it = pipeline.make_train_iterator(config.data, global_batch_size=int(t.global_batch_size),
                                          process_index=pid, process_count=nproc,
@@ -234,7 +245,8 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
     log(f"[samples] wrote {path}")
 
   last_log_time, last_log_step, data_wait = time.perf_counter(), step, 0.0
-  start_time, start_step = last_log_time, step
+  # Rate and ETA over the whole run so far (the first step, with its compilation, excluded).
+  progress = Progress(num_steps, "train", "steps", done=step, log=None)
   last_saved = step if restored is not None else -1
   with signals:
     try:
@@ -244,6 +256,7 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
         data_wait += time.perf_counter() - t0
         state, metrics = trainer.step(state, trainer.global_batch(batch))
         step += 1
+        progress.update(1)
         if step % int(t.log_every) == 0 or step == num_steps:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           now = time.perf_counter()
@@ -257,13 +270,13 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
             metrics.update(tflops_per_device=tflops, mfu=tflops * 1e12 / peak)
             extra = f" | {tflops:.1f} TFLOP/s/dev MFU {100 * tflops * 1e12 / peak:.1f}%"
           writer.scalars(step, metrics)
-          overall = (step - start_step) / (now - start_time)
+          proj = f" proj {metrics['loss_proj']:.4f}" if model.ssl_align else ""
           log(f"step {step}/{num_steps} | loss {metrics['loss']:.4f} (denoise "
-              f"{metrics['loss_denoise']:.4f} acc {metrics['loss_acc']:.4f}) | grad "
+              f"{metrics['loss_denoise']:.4f} acc {metrics['loss_acc']:.4f}{proj}) | grad "
               f"{metrics['grad_norm']:.3f} | {format_rate(sps)} steps/s "
               f"{format_rate(metrics['images_per_sec'])} img/s | data "
               f"{metrics['data_wait_ms']:.1f} ms/step{extra} | ETA "
-              f"{format_duration((num_steps - step) / overall)}")
+              f"{format_duration(progress.eta)}")
           last_log_time, last_log_step, data_wait = now, step, 0.0
           yield {"step": step, **metrics}
         if step == int(t.debug_sigkill_at_step):

@@ -260,6 +260,14 @@ def read_workdir_config(path: str) -> ml_collections.ConfigDict:
     raise UserError(f"{cfg_path}: unreadable training config ({e})") from e
 
 
+def workdir_latent_scale(path: str) -> Optional[float]:
+  """The latent scale a training workdir's data used (its config.json), or None if unknown."""
+  if not is_workdir(path):
+    return None
+  scale = read_workdir_config(path).data.get("latent_scale")
+  return float(scale) if scale is not None else None
+
+
 def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = None):
   """``(model, ema_params)`` from a training workdir's newest (or given) checkpoint.
 
