@@ -13,7 +13,7 @@ import argparse
 import os
 import re
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -131,6 +131,67 @@ def check_state_dict(expected: Mapping[str, tuple[int, ...]],
   if misshaped:
     parts.append(f"mis-shaped: {_short_list(misshaped)}")
   raise ConversionError(f"{source}: state_dict does not match the model; " + "; ".join(parts))
+
+
+# ---------------------------------------------------------------------------
+# Flax parameter trees <-> PyTorch state_dicts: layouts shared by every converter.
+# ---------------------------------------------------------------------------
+
+
+def flatten_tree(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
+                 ) -> Iterator[tuple[tuple[str, ...], Any]]:
+  """``(path, leaf)`` of a nested mapping (a Flax parameter tree), depth first."""
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      yield from flatten_tree(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def torch_shape(path: Sequence[str], shape: Sequence[int]) -> tuple[int, ...]:
+  """The PyTorch shape of a Flax parameter: conv kernels HWIO -> OIHW, dense (in, out) -> (out, in)."""
+  shape = tuple(int(s) for s in shape)
+  if path[-1] == "kernel" and len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  if path[-1] == "kernel" and len(shape) == 2:
+    return (shape[1], shape[0])
+  return shape
+
+
+def to_flax_layout(path: Sequence[str], x: np.ndarray) -> np.ndarray:
+  """A PyTorch tensor (numpy) in the Flax parameter's layout (see ``torch_shape``)."""
+  if path[-1] == "kernel" and x.ndim == 4:
+    return x.transpose(2, 3, 1, 0)
+  if path[-1] == "kernel" and x.ndim == 2:
+    return x.T
+  return x
+
+
+def to_torch_layout(path: Sequence[str], x: np.ndarray) -> np.ndarray:
+  """The inverse of ``to_flax_layout``."""
+  if path[-1] == "kernel" and x.ndim == 4:
+    return x.transpose(3, 2, 0, 1)
+  if path[-1] == "kernel" and x.ndim == 2:
+    return x.T
+  return x
+
+
+def tree_from_state_dict(state_dict: Mapping[str, np.ndarray], paths: Iterable[Sequence[str]],
+                         torch_key: Callable[[Sequence[str]], str],
+                         convert: Callable[[np.ndarray], Any] = np.asarray) -> dict:
+  """A nested parameter tree with a leaf per path: ``state_dict[torch_key(path)]`` in Flax layout.
+
+  ``convert`` maps each value after the transpose (e.g. a dtype cast); check the
+  keys and shapes with ``check_state_dict`` first.
+  """
+  params: dict = {}
+  for path in paths:
+    value = to_flax_layout(path, np.asarray(state_dict[torch_key(path)]))
+    node = params
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = convert(value)
+  return params
 
 
 def _short_list(items, limit=12) -> str:

@@ -65,7 +65,10 @@ from deepflow_jax.errors import first_line
 from deepflow_jax.torch_io import ConversionError
 from deepflow_jax.torch_io import check_state_dict
 from deepflow_jax.torch_io import flat_state_dict
+from deepflow_jax.torch_io import flatten_tree
 from deepflow_jax.torch_io import load_weights_file
+from deepflow_jax.torch_io import torch_shape
+from deepflow_jax.torch_io import tree_from_state_dict
 
 Dtype = Any
 
@@ -512,14 +515,6 @@ def abstract_params(vae: AutoencoderKL) -> dict:
   return variables["params"]
 
 
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
 def flax_path_to_torch_key(path: Sequence[str]) -> str:
   """``('encoder', 'down_blocks_0', 'resnets_1', 'conv1', 'kernel')`` -> diffusers key."""
   parts = []
@@ -530,19 +525,10 @@ def flax_path_to_torch_key(path: Sequence[str]) -> str:
   return ".".join(parts)
 
 
-def _torch_shape(path, shape) -> tuple[int, ...]:
-  shape = tuple(shape)
-  if path[-1] == "kernel" and len(shape) == 4:  # HWIO -> OIHW
-    return (shape[3], shape[2], shape[0], shape[1])
-  if path[-1] == "kernel" and len(shape) == 2:  # (in, out) -> (out, in)
-    return (shape[1], shape[0])
-  return shape
-
-
 def expected_state_dict_shapes(vae: AutoencoderKL) -> dict[str, tuple[int, ...]]:
   """Every diffusers key the model needs and its PyTorch shape."""
-  return {flax_path_to_torch_key(p): _torch_shape(p, a.shape)
-          for p, a in _flatten(abstract_params(vae))}
+  return {flax_path_to_torch_key(p): torch_shape(p, a.shape)
+          for p, a in flatten_tree(abstract_params(vae))}
 
 
 def normalize_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -581,21 +567,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], vae: AutoencoderKL,
         "...).save_pretrained(dir)) first")
   sd = normalize_state_dict(state_dict)
   abstract = abstract_params(vae)
-  expected = {flax_path_to_torch_key(p): _torch_shape(p, a.shape)
-              for p, a in _flatten(abstract)}
+  expected = {flax_path_to_torch_key(p): torch_shape(p, a.shape)
+              for p, a in flatten_tree(abstract)}
   check_state_dict(expected, sd, source)
-  params: dict = {}
-  for path, _ in _flatten(abstract):
-    value = np.asarray(sd[flax_path_to_torch_key(path)])
-    if path[-1] == "kernel" and value.ndim == 4:
-      value = value.transpose(2, 3, 1, 0)
-    elif path[-1] == "kernel" and value.ndim == 2:
-      value = value.T
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = value
-  return params
+  return tree_from_state_dict(sd, (p for p, _ in flatten_tree(abstract)),
+                              flax_path_to_torch_key)
 
 
 def count_params(params) -> int:
@@ -682,8 +658,8 @@ def _restore_orbax(path: str, vae: AutoencoderKL) -> dict:
     if not isinstance(tree, Mapping):
       raise ConversionError(
           f"{ckpt}: not an Orbax checkpoint written by deepflow_jax.convert_vae")
-    want = {"/".join(p): tuple(a.shape) for p, a in _flatten(abstract)}
-    got = {"/".join(p): m for p, m in _flatten(dict(tree))}
+    want = {"/".join(p): tuple(a.shape) for p, a in flatten_tree(abstract)}
+    got = {"/".join(p): m for p, m in flatten_tree(dict(tree))}
     check_state_dict(want, {k: _Shaped(m.shape) for k, m in got.items()}, ckpt)
     target = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), abstract)

@@ -23,6 +23,7 @@ from deepflow_jax import convert_vae
 from deepflow_jax import images as images_lib
 from deepflow_jax import vae as V
 from deepflow_jax.torch_io import ConversionError
+from deepflow_jax.torch_io import flatten_tree
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TINY_DIR = os.path.join(DATA, "vae_tiny")
@@ -237,7 +238,7 @@ def test_real_sd_vae_keys_convert(keys_json, generation):
   params = V.convert_state_dict(_fake_state_dict(keys), vae, source="sd-vae-ft-ema")
   abstract = V.abstract_params(vae)
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(abstract)
-  for (path, leaf), (_, ref) in zip(V._flatten(params), V._flatten(abstract)):
+  for (path, leaf), (_, ref) in zip(flatten_tree(params), flatten_tree(abstract)):
     assert leaf.shape == ref.shape, path
     # Every Flax leaf holds the tensor of the key it is named after.
     assert float(leaf.flat[0]) == index[V.flax_path_to_torch_key(path)], path

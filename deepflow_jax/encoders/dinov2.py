@@ -86,7 +86,10 @@ from deepflow_jax.errors import UserError
 from deepflow_jax.torch_io import ConversionError
 from deepflow_jax.torch_io import check_state_dict
 from deepflow_jax.torch_io import flat_state_dict
+from deepflow_jax.torch_io import flatten_tree
 from deepflow_jax.torch_io import load_weights_file
+from deepflow_jax.torch_io import torch_shape
+from deepflow_jax.torch_io import tree_from_state_dict
 
 Array = jax.Array
 Dtype = Any
@@ -588,14 +591,6 @@ def abstract_params(encoder: DinoVisionTransformer) -> dict:
   return jax.eval_shape(encoder.init, jax.random.PRNGKey(0), x)["params"]
 
 
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
 def flax_path_to_torch_key(path: Sequence[str]) -> str:
   """``('blocks_3', 'attn', 'qkv', 'kernel')`` -> ``'blocks.3.attn.qkv.weight'``."""
   parts = []
@@ -607,19 +602,10 @@ def flax_path_to_torch_key(path: Sequence[str]) -> str:
   return ".".join(parts)
 
 
-def _torch_shape(path, shape) -> tuple[int, ...]:
-  shape = tuple(shape)
-  if path[-1] == "kernel" and len(shape) == 4:  # HWIO -> OIHW
-    return (shape[3], shape[2], shape[0], shape[1])
-  if path[-1] == "kernel" and len(shape) == 2:  # (in, out) -> (out, in)
-    return (shape[1], shape[0])
-  return shape
-
-
 def expected_state_dict_shapes(encoder: DinoVisionTransformer) -> dict[str, tuple[int, ...]]:
   """Every checkpoint key the encoder needs and its PyTorch shape (``mask_token`` excluded)."""
-  return {flax_path_to_torch_key(p): _torch_shape(p, a.shape)
-          for p, a in _flatten(abstract_params(encoder))}
+  return {flax_path_to_torch_key(p): torch_shape(p, a.shape)
+          for p, a in flatten_tree(abstract_params(encoder))}
 
 
 def _unchunk(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -708,22 +694,12 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], encoder: DinoVision
   dropped. Weights are transposed to Flax layouts; dtypes are kept.
   """
   abstract = abstract_params(encoder)
-  expected = {flax_path_to_torch_key(p): _torch_shape(p, a.shape) for p, a in _flatten(abstract)}
+  expected = {flax_path_to_torch_key(p): torch_shape(p, a.shape) for p, a in flatten_tree(abstract)}
   if "mask_token" in state_dict:
     expected["mask_token"] = (1, encoder.embed_dim)
   check_state_dict(expected, state_dict, source)
-  params: dict = {}
-  for path, _ in _flatten(abstract):
-    value = np.asarray(state_dict[flax_path_to_torch_key(path)])
-    if path[-1] == "kernel" and value.ndim == 4:
-      value = value.transpose(2, 3, 1, 0)
-    elif path[-1] == "kernel" and value.ndim == 2:
-      value = value.T
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = value
-  return params
+  return tree_from_state_dict(state_dict, (p for p, _ in flatten_tree(abstract)),
+                              flax_path_to_torch_key)
 
 
 def load_dinov2(path: str, grid: Optional[int] = None, *, num_heads: Optional[int] = None,

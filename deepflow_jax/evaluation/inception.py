@@ -81,7 +81,11 @@ from deepflow_jax.sharding import data_mesh
 from deepflow_jax.torch_io import ConversionError
 from deepflow_jax.torch_io import check_state_dict
 from deepflow_jax.torch_io import flat_state_dict
+from deepflow_jax.torch_io import flatten_tree
 from deepflow_jax.torch_io import load_weights_file
+from deepflow_jax.torch_io import to_torch_layout
+from deepflow_jax.torch_io import torch_shape
+from deepflow_jax.torch_io import tree_from_state_dict
 
 INPUT_SIZE = 299
 POOL_DIM = 2048
@@ -434,38 +438,21 @@ _LEAF_TO_TORCH = {("conv", "kernel"): "conv.weight", ("bn", "scale"): "bn.weight
                   ("fc", "bias"): "fc.bias"}
 
 
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
 def flax_path_to_torch_key(path: Sequence[str]) -> str:
   """``("Mixed_6d", "branch1x1", "bn", "var")`` -> ``"Mixed_6d.branch1x1.bn.running_var"``."""
   return ".".join(tuple(path[:-2]) + (_LEAF_TO_TORCH[tuple(path[-2:])],))
-
-
-def _torch_shape(path, shape) -> tuple[int, ...]:
-  shape = tuple(int(s) for s in shape)
-  if path[-1] == "kernel" and len(shape) == 4:  # HWIO -> OIHW
-    return (shape[3], shape[2], shape[0], shape[1])
-  if path[-1] == "kernel" and len(shape) == 2:  # (in, out) -> (out, in)
-    return (shape[1], shape[0])
-  return shape
 
 
 @functools.lru_cache(maxsize=1)
 def _abstract_params() -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
   shapes = jax.eval_shape(FIDInception().init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.uint8))["params"]
-  return tuple((p, tuple(a.shape)) for p, a in _flatten(shapes))
+  return tuple((p, tuple(a.shape)) for p, a in flatten_tree(shapes))
 
 
 def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
   """Every pytorch-fid key (472) and its PyTorch shape, derived from :class:`FIDInception`."""
-  return {flax_path_to_torch_key(p): _torch_shape(p, s) for p, s in _abstract_params()}
+  return {flax_path_to_torch_key(p): torch_shape(p, s) for p, s in _abstract_params()}
 
 
 def params_from_state_dict(state_dict: Mapping[str, np.ndarray], source: str) -> dict:
@@ -478,32 +465,19 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], source: str) ->
   """
   sd = {k: v for k, v in state_dict.items() if not k.endswith(".num_batches_tracked")}
   check_state_dict(expected_state_dict_shapes(), sd, source)
-  params: dict = {}
-  for path, _ in _abstract_params():
-    value = np.asarray(sd[flax_path_to_torch_key(path)])
-    if not np.issubdtype(value.dtype, np.floating):
-      raise ConversionError(f"{source}: {flax_path_to_torch_key(path)} has dtype {value.dtype}, "
-                            "expected floating point")
-    if path[-1] == "kernel" and value.ndim == 4:
-      value = value.transpose(2, 3, 1, 0)
-    elif path[-1] == "kernel":
-      value = value.T
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
-  return params
+  bad = [k for k, v in sd.items() if not np.issubdtype(np.asarray(v).dtype, np.floating)]
+  if bad:
+    raise ConversionError(f"{source}: {bad[0]} has dtype {np.asarray(sd[bad[0]]).dtype}, "
+                          "expected floating point")
+  return tree_from_state_dict(sd, (p for p, _ in _abstract_params()), flax_path_to_torch_key,
+                              lambda v: np.ascontiguousarray(v, dtype=np.float32))
 
 
 def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The inverse of :func:`params_from_state_dict`: pytorch-fid layout, float32 numpy."""
   out = {}
-  for path, value in _flatten(params):
-    value = np.asarray(value, dtype=np.float32)
-    if path[-1] == "kernel" and value.ndim == 4:
-      value = value.transpose(3, 2, 0, 1)
-    elif path[-1] == "kernel":
-      value = value.T
+  for path, value in flatten_tree(params):
+    value = to_torch_layout(path, np.asarray(value, dtype=np.float32))
     out[flax_path_to_torch_key(path)] = np.ascontiguousarray(value)
   return out
 

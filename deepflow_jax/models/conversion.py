@@ -38,6 +38,9 @@ from deepflow_jax.torch_io import ConversionError
 from deepflow_jax.torch_io import check_state_dict
 from deepflow_jax.torch_io import flat_state_dict
 from deepflow_jax.torch_io import load_weights_file
+from deepflow_jax.torch_io import to_flax_layout
+from deepflow_jax.torch_io import to_torch_layout
+from deepflow_jax.torch_io import torch_shape
 
 MODULE_LISTS = ("blocks", "df_blocks", "final_layer", "projectors")
 _LIST_RE = re.compile(r"^(%s)_(\d+)$" % "|".join(MODULE_LISTS))
@@ -69,28 +72,11 @@ def flax_path_to_torch_key(path: tuple[str, ...]) -> str:
   return ".".join(parts)
 
 
-def _to_torch_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-  if path[-1] == "kernel":
-    if x.ndim == 4:  # conv (kh, kw, I, O) -> (O, I, kh, kw)
-      return np.transpose(x, (3, 2, 0, 1))
-    return x.T
-  return x
-
-
-def _to_flax_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-  if path[-1] == "kernel":
-    if x.ndim == 4:  # conv (O, I, kh, kw) -> (kh, kw, I, O)
-      return np.transpose(x, (2, 3, 1, 0))
-    return x.T
-  return x
-
-
 def expected_state_dict_shapes(model: DeepFlow) -> dict[str, tuple[int, ...]]:
   """The reference state_dict keys and shapes for this architecture."""
   out = {"pos_embed": (1, model.num_tokens, model.hidden_size)}
   for path, shape in param_shapes(model).items():
-    dummy = np.empty(shape, np.uint8)
-    out[flax_path_to_torch_key(path)] = _to_torch_layout(path, dummy).shape
+    out[flax_path_to_torch_key(path)] = torch_shape(path, shape)
   return out
 
 
@@ -99,7 +85,7 @@ def params_to_state_dict(model: DeepFlow, params) -> dict[str, np.ndarray]:
   flat = flax.traverse_util.flatten_dict(flax.linen.unbox(params))
   sd = {}
   for path, v in flat.items():
-    sd[flax_path_to_torch_key(path)] = np.ascontiguousarray(_to_torch_layout(path, np.asarray(v)))
+    sd[flax_path_to_torch_key(path)] = np.ascontiguousarray(to_torch_layout(path, np.asarray(v)))
   sd["pos_embed"] = sincos_pos_embed(model.hidden_size,
                                      model.input_size // model.patch_size)[None]
   return dict(sorted(sd.items()))
@@ -119,7 +105,7 @@ def state_dict_to_params(model: DeepFlow, sd: Mapping[str, np.ndarray], source: 
   dtype = dtype or model.param_dtype
   flat = {}
   for path in param_shapes(model):
-    arr = _to_flax_layout(path, sd[flax_path_to_torch_key(path)])
+    arr = to_flax_layout(path, sd[flax_path_to_torch_key(path)])
     flat[path] = jnp.asarray(np.ascontiguousarray(arr), dtype)
   return flax.traverse_util.unflatten_dict(flat)
 
