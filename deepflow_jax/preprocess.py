@@ -47,7 +47,8 @@ def _parser() -> ArgumentParser:
   p.add_argument("--format", default=latent_writer.ARRAYRECORD,
                  choices=latent_writer.FORMATS)
   p.add_argument("--save_images", action="store_true",
-                 help="also store the crops as PNGs in OUT/images/ (the reference's layout)")
+                 help="also store the crops, for SSL alignment (model.ssl_align): repa: PNGs in "
+                      "OUT/images/ (the reference's layout); arrayrecord: in each record")
   p.add_argument("--batch_size", type=int, default=32, help="images per device per batch")
   p.add_argument("--examples_per_shard", type=int, default=5000,
                  help="source examples per shard (the unit of work, resumption and hosts)")

@@ -592,3 +592,116 @@ def test_config_data_is_the_pipeline_schema():
   b = next(pipeline.make_train_iterator(c.data, global_batch_size=8, process_index=0,
                                         process_count=1, seed=0))
   assert b["image"].shape == (8, 8, 8, 1) and sorted(b) == ["image", "label"]
+
+
+# ---------------------------------------------------------------------------- raw images (SSL)
+
+
+def _image(rng, size=16):
+  return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def test_repa_images_are_paired_by_sorted_position(tmp_path):
+  """images/ beside vae-sd/: every image file (PIL extensions, .npy) sorted, paired by position."""
+  from PIL import Image
+  write_repa(tmp_path, n=7, shape=(8, 2, 2))  # 2 x 2 latents: 16-pixel images at downsampling 8
+  rng = np.random.default_rng(3)
+  # Written out of order, in subfolders, mixed formats; sorted names decide the pairing.
+  names = ["f.png", "b/d.png", "a.png", "e.PNG", "c.bmp", "b/c.npy", "d.png"]
+  arrays = {}
+  for name in names:
+    path = tmp_path / "images" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays[name] = _image(rng)
+    if name.endswith(".npy"):
+      np.save(path, arrays[name].transpose(2, 0, 1))  # the reference reads .npy images as CHW
+    else:
+      Image.fromarray(arrays[name]).save(path, format="BMP" if name.endswith("bmp") else "PNG")
+  (tmp_path / "images" / "dataset.json").write_text("{}")  # not an image: not listed
+  (tmp_path / "images" / "notes.txt").write_text("x")
+  order = sorted(names)
+  assert order[:3] == ["a.png", "b/c.npy", "b/d.png"]
+  src = pipeline.make_source({"name": "repa", "path": os.fspath(tmp_path), "include_index": True},
+                             images=True)
+  assert src.info.image_shape == (16, 16, 3) and src.info.resolution == 16
+  batches = list(repa_iter(tmp_path, batch=1, shuffle=False, num_epochs=1, num_threads=0))
+  assert "image" not in batches[0]  # latent-only training reads no image
+  it = pipeline.make_train_iterator({"name": "repa", "path": os.fspath(tmp_path / "vae-sd"),
+                                     "include_index": True, "shuffle": False},
+                                    global_batch_size=7, process_index=0, process_count=1, seed=0,
+                                    images=True)
+  b = next(it)
+  assert b["image"].dtype == np.uint8 and b["image"].shape == (7, 16, 16, 3)
+  for k in range(7):
+    np.testing.assert_array_equal(b["image"][k], arrays[order[k]])
+    np.testing.assert_array_equal(b["mean"][k], batches[k]["mean"][0])  # latents unchanged
+  # The batch stream does not depend on the reading threads (images included).
+  def make(threads):
+    return pipeline.make_train_iterator(
+        {"name": "repa", "path": os.fspath(tmp_path), "num_threads": threads},
+        global_batch_size=3, process_index=0, process_count=1, seed=5, images=True)
+  assert_same_batches(take(make(0), 4), take(make(2), 4))
+
+  def err(**kw):
+    with pytest.raises(UserError) as e:
+      next(pipeline.make_train_iterator({"name": "repa", "path": os.fspath(tmp_path),
+                                         "shuffle": False, **kw}, global_batch_size=7,
+                                        process_index=0, process_count=1, seed=0, images=True))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+  Image.fromarray(_image(rng)).save(tmp_path / "images" / "g.png")  # one image too many
+  assert "8 image files but" in err() and "holds 7 latent files" in err()
+  os.remove(tmp_path / "images" / "g.png")
+  Image.fromarray(_image(rng).mean(-1).astype(np.uint8)).save(tmp_path / "images" / "d.png")
+  assert "d.png (example 4): image mode L, expected RGB" in err()
+  (tmp_path / "images" / "d.png").write_bytes(b"\x89PNG garbage")
+  assert "d.png (example 4): unreadable image" in err()
+  Image.fromarray(_image(rng, 32)).save(tmp_path / "images" / "a.png")
+  assert "a.png (example 0): image of shape (32, 32, 3), expected (16, 16, 3)" in err()
+  os.rename(tmp_path / "images", tmp_path / "pictures")
+  assert "images: no such folder" in err()
+  with pytest.raises(UserError, match="digits.*no latents and raw images"):
+    pipeline.make_source({"name": "digits"}, images=True)
+
+
+def test_arrayrecord_images(tmp_path):
+  rng = np.random.default_rng(4)
+  ex = [e + (_image(rng, 8),) for e in make_examples(6)]
+  meta = records.write_latent_dataset(tmp_path / "img", ex, num_examples=6, num_classes=3,
+                                      num_shards=2)
+  assert meta["image_shape"] == [8, 8, 3]
+  cfg = {"name": "arrayrecord", "path": os.fspath(tmp_path / "img"), "shuffle": False}
+  b = next(pipeline.make_train_iterator(cfg, global_batch_size=6, process_index=0,
+                                        process_count=1, seed=0, images=True))
+  assert b["image"].dtype == np.uint8
+  np.testing.assert_array_equal(b["image"], np.stack([e[3] for e in ex]))
+  np.testing.assert_array_equal(b["mean"], np.stack([e[0] for e in ex]))
+  plain = next(pipeline.make_train_iterator(cfg, global_batch_size=6, process_index=0,
+                                            process_count=1, seed=0))
+  assert sorted(plain) == ["label", "mean", "std"]  # no image unless asked for
+  np.testing.assert_array_equal(plain["mean"], b["mean"])
+  assert pipeline.dataset_info(cfg, images=True).image_shape == (8, 8, 3)
+  assert pipeline.dataset_info(cfg).image_shape is None
+  # Datasets without images (older ones included) read as before, and refuse images=True.
+  records.write_latent_dataset(tmp_path / "old", make_examples(4), num_examples=4, num_classes=3)
+  assert "image_shape" not in json.load(open(tmp_path / "old" / records.METADATA_FILE))
+  with pytest.raises(UserError, match="records hold no images .*--save_images"):
+    pipeline.make_source({"name": "arrayrecord", "path": os.fspath(tmp_path / "old")}, images=True)
+  # Record level: the image is decoded only when asked for, and checked.
+  m, s, label = make_examples(1)[0]
+  img = _image(rng, 8)
+  with_img = records.encode_record(m, s, label, 0, img)
+  without = records.encode_record(m, s, label, 1)
+  one = records.decode_record(with_img, image_shape=(8, 8, 3))
+  np.testing.assert_array_equal(one["image"], img)
+  assert "image" not in records.decode_record(with_img)
+  with pytest.raises(UserError, match="record 1: the record holds no image"):
+    records.decode_records([with_img, without], where=lambda k: f"record {k}",
+                           image_shape=(8, 8, 3))
+  with pytest.raises(UserError, match=r"record 0: image uint8 \(8, 8, 3\), expected uint8 "
+                                      r"\(4, 4, 3\)"):
+    records.decode_records([with_img], where=lambda k: f"record {k}", image_shape=(4, 4, 3))
+  with pytest.raises(UserError, match="all examples with an image, or none"):
+    records.write_latent_dataset(tmp_path / "mixed", [ex[0], ex[1][:3]], num_examples=2,
+                                 num_classes=3)

@@ -265,6 +265,25 @@ def test_repa_output_and_images(repa_out, expected):
   assert not [f for f in tree_bytes(repa_out) if ".tmp" in f]
 
 
+def test_arrayrecord_save_images_stores_each_crop_in_its_record(folder, expected, tmp_path,
+                                                                capsys):
+  """--save_images with ArrayRecord: the crop is the record's optional image field (for SSL)."""
+  out = tmp_path / "out"
+  rc, _ = run(args(folder, out, save_images=True), capsys)
+  assert rc == 0
+  assert not (out / "images").exists()  # in the records, not as a PNG folder
+  with open(out / records.METADATA_FILE) as f:
+    assert json.load(f)["image_shape"] == [RES, RES, 3]
+  src = pipeline.ArrayRecordLatentSource(str(out), images=True)
+  assert src.info.image_shape == (RES, RES, 3)
+  check_values(src, expected)  # the latents are those written without images
+  batch = src.read_batch(np.arange(len(src)))
+  for k, i in enumerate(GOOD):
+    np.testing.assert_array_equal(batch["image"][k], expected["crops"][i])
+  with open(out / "progress" / "settings.json") as f:
+    assert json.load(f)["settings"]["images_in_records"] is True
+
+
 def test_unreadable_image_reported_and_counted(folder, tmp_path, capsys):
   rc, cap = run(args(folder, tmp_path / "out", limit=5), capsys)
   assert rc == 0

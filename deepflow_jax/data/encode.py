@@ -271,7 +271,9 @@ def encode_dataset(source: str, vae: str, output: str, *, split: str = "train",
     split: the TFDS split; the shard-name prefix in both cases.
     resolution: crop side in pixels; a multiple of the VAE's downsampling factor.
     format: ``"arrayrecord"`` or ``"repa"`` (:mod:`latent_writer`).
-    save_images: also store the crops as PNGs in ``output/images/``.
+    save_images: also store the crops (for SSL alignment): ``repa``: PNGs in
+      ``output/images/`` (the reference's layout); ``arrayrecord``: inside each
+      record (its ``image`` field).
     batch_size: images per device per batch.
     examples_per_shard: source examples per shard (the unit of work, of
       resumption and of the split between hosts).
@@ -319,6 +321,9 @@ def encode_dataset(source: str, vae: str, output: str, *, split: str = "train",
       "precision": precision, "format": format, "examples_per_shard": examples_per_shard,
       "num_shards": -(-n // examples_per_shard), "save_images": bool(save_images),
   }
+  if save_images and format == latent_writer.ARRAYRECORD:
+    # Earlier versions wrote PNGs for this format: such a folder is not resumed.
+    settings["images_in_records"] = True
   info = {"vae": os.path.abspath(vae), "scaling_factor": float(vae_model.scaling_factor),
           "class_names": src.class_names, "source": src.describe()}
   if coordinated and pidx != 0:

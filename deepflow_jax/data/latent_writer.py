@@ -19,9 +19,13 @@ example (all of its images unreadable) is not listed. Read with
 0.18215, "vae_downsampling": 8}`` (the last two are the encoding VAE's; the
 reference's file has only ``labels``). Read with ``data.name="repa", data.path=OUT``.
 
-With ``save_images`` (either format) the crops are also stored as uncompressed
-PNGs, ``OUT/images/00000/img00000000.png``, with ``OUT/images/dataset.json``
-keyed by the PNG names (the reference's ``images/`` folder, for SSL alignment).
+With ``save_images`` the crops (uint8 ``(res, res, 3)``, what SSL alignment feeds
+its image encoder) are stored too: ``repa``: as uncompressed PNGs,
+``OUT/images/00000/img00000000.png``, with ``OUT/images/dataset.json`` keyed by
+the PNG names (the reference's ``images/`` folder beside ``vae-sd/``);
+``arrayrecord``: inside each record (the optional ``image`` field of
+:mod:`deepflow_jax.data.records`, ``image_shape`` in ``metadata.json``), so one
+read returns latents and image together.
 
 Indices: example ``i`` is the ``i``-th entry of the source order. An unreadable
 image is skipped and listed in the final summary (``progress/summary.json`` and,
@@ -166,6 +170,7 @@ class ShardWriter:
     self.skipped: list[list[Any]] = []  # [index, name, error]
     self.fmt = settings["format"]
     self.save_images = settings["save_images"]
+    self.image_pngs = self.save_images and self.fmt == REPA  # else in the records
     self.marker = _marker_path(out, shard, settings["num_shards"])
     self._remove_stale_tmp()
     self._writer = None
@@ -180,7 +185,7 @@ class ShardWriter:
     if self.fmt == ARRAYRECORD:
       files.add(_shard_file(self.out, self.settings, self.shard))
     for sub, name, wanted in ((FEATURE_DIR, repa_feature_name, self.fmt == REPA),
-                              (IMAGES_DIR, repa_image_name, self.save_images)):
+                              (IMAGES_DIR, repa_image_name, self.image_pngs)):
       if wanted:
         files.update(os.path.join(self.out, sub, name(i)) for i in range(self.start, self.stop))
     return files
@@ -199,12 +204,13 @@ class ShardWriter:
             crop: np.ndarray) -> None:
     """Stores example ``index``: mean/std float32 ``(h, w, c)``, crop uint8 ``(res, res, 3)``."""
     if self.fmt == ARRAYRECORD:
-      self._writer.write(records.encode_record(mean, std, label, index))
+      self._writer.write(records.encode_record(mean, std, label, index,
+                                               crop if self.save_images else None))
     else:
       moments = np.ascontiguousarray(np.concatenate([mean, std], -1).transpose(2, 0, 1),
                                      np.float32)
       outputs.atomic_save_npy(self._file(FEATURE_DIR, repa_feature_name(index)), moments)
-    if self.save_images:
+    if self.image_pngs:
       outputs.atomic_save_png(self._file(IMAGES_DIR, repa_image_name(index)), crop,
                               compress_level=0)
     self.examples.append([int(index), int(label)])
@@ -215,7 +221,7 @@ class ShardWriter:
     # A file of this index from an earlier, interrupted attempt must not survive.
     if self.fmt == REPA:
       outputs.remove_if_exists(os.path.join(self.out, FEATURE_DIR, repa_feature_name(index)))
-    if self.save_images:
+    if self.image_pngs:
       outputs.remove_if_exists(os.path.join(self.out, IMAGES_DIR, repa_image_name(index)))
     self.skipped.append([int(index), name, error])
     self.pending -= 1
@@ -247,8 +253,9 @@ def finalize(out: str, doc: dict, *, log: Callable[[str], None] = _print,
              tag: str = "preprocess") -> list[int]:
   """Writes the final files if every shard is done; returns the missing shards.
 
-  ArrayRecord: ``metadata.json`` (via the schema of :mod:`records`); REPA:
-  ``vae-sd/dataset.json``; with images: ``images/dataset.json``; always
+  ArrayRecord: ``metadata.json`` (via the schema of :mod:`records`; with images
+  ``image_shape``); REPA: ``vae-sd/dataset.json``, with images also
+  ``images/dataset.json``; always
   ``progress/summary.json`` (counts and the skipped images). Idempotent. Lines
   go to ``log``, prefixed ``[tag]``.
   """
@@ -273,6 +280,7 @@ def finalize(out: str, doc: dict, *, log: Callable[[str], None] = _print,
         out, num_examples=len(examples), shards=names, latent_shape=settings["latent_shape"],
         num_classes=settings["num_classes"], resolution=settings["resolution"],
         vae=info.get("vae", ""), scaling_factor=scaling_factor,
+        image_shape=([settings["resolution"]] * 2 + [3]) if settings["save_images"] else None,
         extra={
             "split": settings["split"], "source": settings["source"],
             "class_names": info.get("class_names"),
@@ -285,7 +293,7 @@ def finalize(out: str, doc: dict, *, log: Callable[[str], None] = _print,
     labels = {"labels": [[repa_feature_name(i), l] for i, l in examples],
               "scaling_factor": scaling_factor, "vae_downsampling": vae_downsampling}
     outputs.atomic_write_json(os.path.join(out, FEATURE_DIR, LABEL_FILE), labels)
-  if settings["save_images"]:
+  if settings["save_images"] and settings["format"] == REPA:
     labels = {"labels": [[repa_image_name(i), l] for i, l in examples]}
     os.makedirs(os.path.join(out, IMAGES_DIR), exist_ok=True)
     outputs.atomic_write_json(os.path.join(out, IMAGES_DIR, LABEL_FILE), labels)

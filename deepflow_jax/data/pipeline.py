@@ -38,6 +38,27 @@ Latent sources yield ``{"mean": float32 (B, h, w, c), "std": float32 (B, h, w, c
 info.latent_scale`` itself: nothing is sampled here. ``include_index=True`` adds
 ``"index": int32 (B,)``, each example's position in the source order.
 
+Raw images (SSL alignment)
+--------------------------
+``make_source(config, images=True)`` (what training with ``model.ssl_align``
+asks for; not a ``config.data`` key: the model decides) adds ``"image": uint8
+(B, H, W, 3)`` NHWC, the centre crop the latents were encoded from
+(``info.image_shape = (H, W, 3)``, ``H = W = info.resolution``). Without it no
+image is read or decoded.
+
+* ``repa``: the reference's layout, ``images/`` beside ``vae-sd/``. As the
+  reference's loader does, every file under ``images/`` with an image extension
+  PIL knows (``.png``, ``.jpg``, ...) or ``.npy`` (uint8 CHW) is listed, the
+  relative names are sorted, and image ``k`` of that order belongs to latent
+  file ``k`` of the sorted ``vae-sd/`` order (``images/dataset.json`` is not
+  read). Different counts are a ``UserError``. Images are decoded per batch
+  (PIL, which releases the GIL while decoding, so the reading threads overlap)
+  straight into the stacked array; each must be RGB of the first image's
+  shape, and that shape must be ``(resolution, resolution, 3)``.
+* ``arrayrecord``: the records' optional ``image`` field
+  (:mod:`deepflow_jax.data.records`), present when ``metadata.json`` records
+  ``image_shape``; copied from the record's bytes.
+
 Latent scale and VAE downsampling
 ---------------------------------
 :class:`DatasetInfo` carries ``latent_scale`` (what the VAE's latents are
@@ -106,6 +127,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -119,15 +141,18 @@ import numpy as np
 from absl import flags
 from array_record.python import array_record_module
 from ml_collections import config_dict
+from PIL import Image
 
 from deepflow_jax.data import digits as digits_lib
 from deepflow_jax.data import records
 from deepflow_jax.errors import UserError
+from deepflow_jax.errors import first_line
 
 DIGITS, REPA, ARRAYRECORD = "digits", "repa", "arrayrecord"
 SOURCES = (DIGITS, REPA, ARRAYRECORD)
 FILE_SOURCES = (REPA, ARRAYRECORD)
 REPA_FEATURE_DIR = "vae-sd"
+REPA_IMAGE_DIR = "images"
 REPA_LABEL_FILE = "dataset.json"
 
 
@@ -183,6 +208,8 @@ class DatasetInfo:
       for pixel sources.
     vae_downsampling: image side / latent side (``resolution = h *
       vae_downsampling``); 1 for pixel sources.
+    image_shape: (H, W, 3) of the raw images the batches carry as ``"image"``
+      (sources built with ``images=True``); None when they carry none.
   """
   name: str
   is_latent: bool
@@ -193,6 +220,7 @@ class DatasetInfo:
   resolution: int
   latent_scale: float = 1.0
   vae_downsampling: int = 1
+  image_shape: tuple[int, int, int] | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -355,7 +383,12 @@ class DigitsSource:
 
   def __init__(self, image_size: int = 8, split: str = "train", *,
                heldout_fraction: float = digits_lib.DEFAULT_HELDOUT_FRACTION,
-               split_seed: int = digits_lib.DEFAULT_SPLIT_SEED, include_index: bool = False):
+               split_seed: int = digits_lib.DEFAULT_SPLIT_SEED, include_index: bool = False,
+               images: bool = False):
+    if images:
+      raise UserError("data.name='digits' is pixel data with no latents and raw images beside "
+                      "them; SSL alignment (model.ssl_align) needs a 'repa' or 'arrayrecord' "
+                      "latent dataset with images")
     if split not in ("train", "heldout"):
       raise UserError(f"digits split must be 'train' or 'heldout', got {split!r}")
     train, heldout = digits_lib.load_digits_split(
@@ -426,13 +459,25 @@ class _NpyLayout(NamedTuple):
   size: int
 
 
+@functools.lru_cache(maxsize=1)
+def _repa_image_extensions() -> frozenset[str]:
+  """What the reference's loader lists in ``images/``: PIL's image extensions and ``.npy``."""
+  Image.init()
+  return frozenset(Image.EXTENSION) | {".npy"}
+
+
 class RepaLatentSource:
-  """The REPA ``vae-sd`` layout (see the module docstring); one example per ``.npy``."""
+  """The REPA ``vae-sd`` layout (see the module docstring); one example per ``.npy``.
+
+  With ``images=True`` also the ``images/`` folder beside it, paired by sorted
+  position (see the module docstring).
+  """
 
   def __init__(self, path, *, num_classes: int | None = None,
                latent_shape: tuple[int, int, int] | None = None,
                missing_labels: str = "error", include_index: bool = False,
-               latent_scale: float | None = None, vae_downsampling: int | None = None):
+               latent_scale: float | None = None, vae_downsampling: int | None = None,
+               images: bool = False):
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, REPA_FEATURE_DIR, REPA_LABEL_FILE)) or (
         os.path.isdir(os.path.join(path, REPA_FEATURE_DIR))):
@@ -471,8 +516,71 @@ class RepaLatentSource:
         _recorded_number(meta, "scaling_factor", label_file, float),
         _recorded_number(meta, "vae_downsampling", label_file, int),
         latent_scale, vae_downsampling, label_file)
+    self.image_dir, self.image_files, self.image_shape = None, None, None
+    if images:
+      self._open_images(h * down, f"the latents' {h} x {w} times the VAE downsampling {down}")
     self.info = DatasetInfo(REPA, True, self.latent_shape, c, self.num_classes,
-                            len(self.files), h * down, scale, down)
+                            len(self.files), h * down, scale, down, self.image_shape)
+
+  def _open_images(self, resolution: int, why: str) -> None:
+    """Lists ``images/`` beside the latents (sorted, as the reference) and checks the first."""
+    image_dir = os.path.join(os.path.dirname(os.path.abspath(self.root)), REPA_IMAGE_DIR)
+    if not os.path.isdir(image_dir):
+      raise UserError(f"{image_dir}: no such folder; SSL alignment (model.ssl_align) reads the "
+                      f"raw images from {REPA_IMAGE_DIR}/ beside {self.root} (python -m "
+                      "deepflow_jax.preprocess --format=repa --save_images writes them)")
+    exts = _repa_image_extensions()
+    names = []
+    for dirpath, _, filenames in os.walk(image_dir):
+      rel = os.path.relpath(dirpath, image_dir)
+      for f in filenames:
+        if os.path.splitext(f)[1].lower() in exts:
+          names.append(f if rel == "." else os.path.join(rel, f).replace(os.sep, "/"))
+    names.sort()
+    if len(names) != len(self.files):
+      raise UserError(f"{image_dir}: {len(names)} image files but {self.root} holds "
+                      f"{len(self.files)} latent files; the REPA layout pairs them by sorted "
+                      "position, so the counts must match")
+    self.image_dir, self.image_files = image_dir, names
+    first = self._decode_image(0, self._read_image_bytes(0))
+    want = (resolution, resolution, 3)
+    if first.shape != want:
+      raise UserError(f"{self._image_path(0)} (example 0): image of shape {first.shape}, "
+                      f"expected {want} ({why})")
+    self.image_shape = want
+
+  def _image_path(self, i: int) -> str:
+    return os.path.join(self.image_dir, self.image_files[i])
+
+  def _read_image_bytes(self, i: int) -> bytes:
+    try:
+      with open(self._image_path(i), "rb", buffering=0) as f:
+        return f.readall()
+    except OSError as e:
+      raise UserError(f"{self._image_path(i)} (example {i}): unreadable image "
+                      f"({type(e).__name__}: {first_line(e)})") from e
+
+  def _decode_image(self, i: int, data: bytes) -> np.ndarray:
+    """Image ``i`` as uint8 (H, W, 3): PIL for image files (RGB only), ``.npy`` as CHW uint8."""
+    path = self._image_path(i)
+    try:
+      if path.lower().endswith(".npy"):
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        arr = arr.reshape(-1, *arr.shape[-2:]).transpose(1, 2, 0)  # the reference's CHW view
+      else:
+        with Image.open(io.BytesIO(data)) as img:
+          if img.mode != "RGB":
+            raise UserError(f"{path} (example {i}): image mode {img.mode}, expected RGB")
+          arr = np.asarray(img)
+    except UserError:
+      raise
+    except Exception as e:  # truncated or garbage files: PIL and numpy raise several types
+      raise UserError(f"{path} (example {i}): unreadable image "
+                      f"({type(e).__name__}: {first_line(e)})") from e
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+      raise UserError(f"{path} (example {i}): image {arr.dtype} {arr.shape}, expected uint8 "
+                      "(H, W, 3)")
+    return arr
 
   @staticmethod
   def _walk(root: str) -> list[str]:
@@ -557,7 +665,7 @@ class RepaLatentSource:
 
   def read_batch(self, indices) -> dict[str, np.ndarray]:
     """Reads examples ``indices`` (n,): ``{"mean", "std": float32 (n, h, w, c),
-    "label": int32 (n,)[, "index": int32 (n,)]}``.
+    "label": int32 (n,)[, "image": uint8 (n, H, W, 3)][, "index": int32 (n,)]}``.
 
     Each file is read whole; one whose first bytes are the first file's header
     (and of the same size) is decoded with ``np.frombuffer`` (same array as
@@ -591,6 +699,15 @@ class RepaLatentSource:
       mean[..., j] = chw[:, j]
       std[..., j] = chw[:, c + j]
     out = {"mean": mean, "std": std, "label": self.labels[idx]}
+    if self.image_files is not None:
+      images = np.empty((len(idx),) + self.image_shape, np.uint8)
+      for k, i in enumerate(idx.tolist()):
+        arr = self._decode_image(i, self._read_image_bytes(i))
+        if arr.shape != self.image_shape:
+          raise UserError(f"{self._image_path(i)} (example {i}): image of shape {arr.shape}, "
+                          f"expected {self.image_shape}")
+        images[k] = arr
+      out["image"] = images
     if self.include_index:
       out["index"] = idx.astype(np.int32)
     return out
@@ -600,11 +717,16 @@ class RepaLatentSource:
 
 
 class ArrayRecordLatentSource:
-  """The project's ArrayRecord latent schema, via ``grain.sources.ArrayRecordDataSource``."""
+  """The project's ArrayRecord latent schema, via ``grain.sources.ArrayRecordDataSource``.
+
+  With ``images=True`` also the records' ``image`` field (the dataset's
+  ``metadata.json`` must record ``image_shape``).
+  """
 
   def __init__(self, path, *, num_classes: int | None = None,
                latent_shape: tuple[int, int, int] | None = None, include_index: bool = False,
-               latent_scale: float | None = None, vae_downsampling: int | None = None):
+               latent_scale: float | None = None, vae_downsampling: int | None = None,
+               images: bool = False):
     path = os.fspath(path)
     meta_file = os.path.join(path, records.METADATA_FILE)
     meta = _read_json(meta_file, "not a deepflow-jax ArrayRecord dataset")
@@ -652,8 +774,22 @@ class ArrayRecordLatentSource:
       recorded_down = resolution // h  # written before vae_downsampling was recorded
     scale, down = _vae_fields(_recorded_number(meta, "scaling_factor", meta_file, float),
                               recorded_down, latent_scale, vae_downsampling, meta_file)
+    self.image_shape = None
+    if images:
+      recorded = meta.get("image_shape")
+      if recorded is None:
+        raise UserError(f"{meta_file}: the records hold no images (no 'image_shape'); SSL "
+                        "alignment (model.ssl_align) needs them: python -m deepflow_jax.preprocess "
+                        "--save_images stores each crop in its record")
+      try:
+        shape = tuple(int(d) for d in recorded)
+      except (TypeError, ValueError):
+        shape = ()
+      if len(shape) != 3 or shape[2] != 3 or min(shape) <= 0:
+        raise UserError(f"{meta_file}: image_shape {recorded!r} is not [H, W, 3]")
+      self.image_shape = shape
     self.info = DatasetInfo(ARRAYRECORD, True, meta_shape, c, self.num_classes, num_examples,
-                            resolution or h * down, scale, down)
+                            resolution or h * down, scale, down, self.image_shape)
 
   def __len__(self) -> int:
     return self._starts[-1]
@@ -671,7 +807,7 @@ class ArrayRecordLatentSource:
 
   def read_batch(self, indices) -> dict[str, np.ndarray]:
     """Reads examples ``indices`` (n,) with one batched read: ``{"mean", "std": float32
-    (n, h, w, c), "label": int32 (n,)[, "index": int32 (n,)]}``.
+    (n, h, w, c), "label": int32 (n,)[, "image": uint8 (n, H, W, 3)][, "index": int32 (n,)]}``.
 
     Raises ``UserError`` naming the shard, the record's position in it and the
     example index for an unreadable, undecodable, mis-shaped, mislabelled or
@@ -683,12 +819,15 @@ class ArrayRecordLatentSource:
     except Exception:  # pylint: disable=broad-except
       datas = [self._read_one(i) for i in idx]  # find the unreadable record and name it
     where = lambda k: self.where(idx[k])
-    rec = records.decode_records(datas, where=where, latent_shape=self.latent_shape)
+    rec = records.decode_records(datas, where=where, latent_shape=self.latent_shape,
+                                 image_shape=self.image_shape)
     bad = _first_non_finite(rec["mean"], rec["std"])
     if bad is not None:
       raise UserError(f"{where(bad)}: non-finite values")
     out = {"mean": rec["mean"], "std": rec["std"],
            "label": _check_labels(rec["label"], self.num_classes, where)}
+    if self.image_shape is not None:
+      out["image"] = rec["image"]
     if self.include_index:
       out["index"] = np.asarray(idx, np.int32)
     return out
@@ -697,29 +836,35 @@ class ArrayRecordLatentSource:
     return _unbatch(self.read_batch([int(index)]))
 
 
-def make_source(data_config):
-  """Builds the source named by ``data_config`` (``config.data`` or a dict); has ``.info``."""
+def make_source(data_config, *, images: bool = False):
+  """Builds the source named by ``data_config`` (``config.data`` or a dict); has ``.info``.
+
+  ``images=True`` makes its batches carry the raw images too (``"image"``, see
+  the module docstring); training asks for them when ``model.ssl_align`` is set.
+  """
   cfg = _config_dict(data_config)
   name = cfg["name"]
   if name == DIGITS:
     return DigitsSource(cfg["image_size"], cfg["split"], heldout_fraction=cfg["heldout_fraction"],
-                        split_seed=cfg["split_seed"], include_index=bool(cfg["include_index"]))
+                        split_seed=cfg["split_seed"], include_index=bool(cfg["include_index"]),
+                        images=images)
   kwargs = dict(num_classes=_int_option(cfg, "num_classes", lo=1),
                 latent_shape=_latent_shape_option(cfg), include_index=bool(cfg["include_index"]),
                 latent_scale=_scale_option(cfg),
-                vae_downsampling=_int_option(cfg, "vae_downsampling", lo=1))
+                vae_downsampling=_int_option(cfg, "vae_downsampling", lo=1), images=bool(images))
   if name == REPA:
     return RepaLatentSource(cfg["path"], missing_labels=cfg["missing_labels"], **kwargs)
   return ArrayRecordLatentSource(cfg["path"], **kwargs)
 
 
-def dataset_info(data_config) -> DatasetInfo:
+def dataset_info(data_config, *, images: bool = False) -> DatasetInfo:
   """Shape, channels, classes, size, kind, latent scale and VAE downsampling of the dataset.
 
   Cheap for digits and ArrayRecord (metadata only); for the REPA layout it walks
-  the folder, reads ``dataset.json`` and the first file.
+  the folder, reads ``dataset.json`` and the first file (with ``images``, also
+  lists ``images/`` and decodes the first image).
   """
-  return make_source(data_config).info
+  return make_source(data_config, images=images).info
 
 
 # ----------------------------------------------------------------------------
@@ -890,7 +1035,8 @@ class BatchIterator(grain.DatasetIterator):
 
 
 def make_train_iterator(data_config, *, global_batch_size: int, process_index: int,
-                        process_count: int, seed: int, source=None) -> BatchIterator:
+                        process_count: int, seed: int, source=None,
+                        images: bool = False) -> BatchIterator:
   """Resumable iterator of this process's batches (``global_batch_size // process_count`` rows).
 
   ``data_config`` is ``config.data`` (or a dict of its keys). Returns a
@@ -900,7 +1046,8 @@ def make_train_iterator(data_config, *, global_batch_size: int, process_index: i
   arguments resumes at the exact next batch. Call ``it.close()`` when done
   (stops worker processes, if any). ``source`` is the
   ``make_source(data_config)`` result when the caller already built it (for
-  ``.info``); otherwise it is built here. Threads and workers follow
+  ``.info``); otherwise it is built here (with ``images``: batches also carry
+  the raw images). Threads and workers follow
   :func:`default_parallelism` unless ``num_threads`` / ``num_workers`` /
   ``prefetch_batches`` are set.
   Raises ``UserError`` for bad configs, a global batch not divisible by
@@ -910,7 +1057,7 @@ def make_train_iterator(data_config, *, global_batch_size: int, process_index: i
   local = _check_sharding(global_batch_size, process_index, process_count)
   cfg = _config_dict(data_config)
   if source is None:  # callers that already built it for .info pass it (no second folder walk)
-    source = make_source(cfg)
+    source = make_source(cfg, images=images)
   parallelism = default_parallelism(
       cfg["name"], available_cores(), num_workers=_int_option(cfg, "num_workers"),
       num_threads=_int_option(cfg, "num_threads"),
