@@ -2,8 +2,8 @@
 
     python -m deepflow_jax.generate --checkpoint=DIR --output=OUT --num_samples=50000 \\
         [--sampler=sde|euler|heun|ab2|ab3|dpm2m|accel|accel-own|accel-ab2] \\
-        [--num_steps=250] [--grid=uniform|shifted|poly|reference] [--grid_shift=3] \\
-        [--grid_rho=2] [--cfg_scale=1.0] \\
+        [--num_steps=250] [--grid=uniform|shifted|poly|reference] [--grid_shift=2] \\
+        [--grid_rho=1.5] [--cfg_scale=1.0] \\
         [--guidance_low=0.0] [--guidance_high=1.0] [--per_device_batch=16] [--seed=0] \\
         [--labels=random|cycle] [--vae=VAE_DIR] [--dtype=float32|bfloat16]
 

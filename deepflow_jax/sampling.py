@@ -125,8 +125,8 @@ ACCEL_SAMPLERS = {
 MULTISTEP_ORDER = {"euler": 1, "ab2": 2, "ab3": 3}
 SAMPLERS = ("sde", "euler", "heun", "ab2", "ab3", "dpm2m") + tuple(ACCEL_SAMPLERS)
 GRIDS = ("uniform", "shifted", "poly", "reference")
-DEFAULT_GRID_SHIFT = 3.0
-DEFAULT_GRID_RHO = 2.0
+DEFAULT_GRID_SHIFT = 2.0  # from a screen on digits (docs/sampling.md)
+DEFAULT_GRID_RHO = 1.5  # from a screen on digits (docs/sampling.md)
 SDE_T_END = 0.04  # last grid time before 0 of the reference's Euler-Maruyama sampler
 LABEL_MODES = ("random", "cycle")
 

@@ -15,8 +15,9 @@ The stand-in also returns the exact trajectory acceleration
 ``a = dv/dt + (dv/dx) v = c' (x - (1 - t) m) + c m + c v``; the ``accel*``
 step ``x + v dt + a dt^2 / 2`` is then a second-order Taylor method.
 
-Measured wall time of this file on the shared 2-core CPU: see the final report
-of the helper that wrote it (about 40-60 s; the 8-device subprocess is ~25 s of it).
+Cost: ~72 s of CPU time (user) on the shared 2-core machine, mostly XLA compilations
+(one per sampler and step count); wall time measured 238 s while that machine was
+fully loaded by other jobs (the 8-device subprocess ~90 s and the tiny2t test ~65 s of it).
 """
 import json
 import os
@@ -98,7 +99,8 @@ def _ode_error(sampler, steps, grid=None):
 # second order in lambda = log((1 - t) / t), and a grid uniform in t takes steps of
 # size O(1) in lambda at both ends, which costs a slowly vanishing factor (order ~1.7
 # at these n; on a lambda-uniform grid it measures 1.9-2.1). Bounds: +-0.25 around 1 or 2
-# (pre-asymptotic drift here is <= 0.15); dpm2m in [1.5, 2.25]. accel-own is the
+# (pre-asymptotic drift here is <= 0.15); dpm2m in [1.5, 2.25]. The test takes the mean
+# order over 16 -> 64 (two doublings, one compilation fewer per solver). accel-own is the
 # accel step with another pairing of heads (identical on this stand-in), tested on tiny2t.
 ORDERS = {"euler": (0.75, 1.25), "heun": (1.75, 2.25), "ab2": (1.75, 2.25),
           "ab3": (1.75, 2.25), "dpm2m": (1.5, 2.25), "accel": (1.75, 2.25),
@@ -106,14 +108,14 @@ ORDERS = {"euler": (0.75, 1.25), "heun": (1.75, 2.25), "ab2": (1.75, 2.25),
 
 
 def test_order_of_accuracy():
-  errs = {s: [_ode_error(s, n) for n in (16, 32, 64)] for s in ORDERS}
-  for s, e in errs.items():
+  errs = {s: [_ode_error(s, n) for n in (16, 64)] for s in ORDERS}
+  for s, (e16, e64) in errs.items():
     lo, hi = ORDERS[s]
-    orders = np.log2(np.asarray(e[:-1]) / np.asarray(e[1:]))
-    assert np.all((lo < orders) & (orders < hi)), (s, e, orders)
-  # Not vacuous: every second-order method beats Euler at 32 steps by far (measured 8x for
-  # dpm2m to 108x for accel; bound 5x).
-  assert max(errs[s][1] for s in ORDERS if s != "euler") < errs["euler"][1] / 5, errs
+    order = np.log2(e16 / e64) / 2  # two doublings
+    assert lo < order < hi, (s, e16, e64, order)
+  # Not vacuous: every second-order method beats Euler at 64 steps by far (measured 14x for
+  # dpm2m to 208x for accel; bound 7x).
+  assert max(errs[s][1] for s in ORDERS if s != "euler") < errs["euler"][1] / 7, errs
 
 
 def test_sde_is_weak_first_order():
@@ -280,7 +282,12 @@ def test_sde_guidance_matches_guided_model():
 
 
 def test_accel_samplers_on_tiny2t_match_a_restatement(tiny2t, golden):
-  """Two steps (t = 1 -> 0.5 -> 0) of every accel* sampler against the full forward pass."""
+  """Two steps (t = 1 -> 0.5 -> 0) of every accel* sampler against the full forward pass.
+
+  The restatement takes the heads from ``DeepFlow.__call__(x, [t] * K, y)``, so this also
+  checks ``DeepFlow.velocity_and_acceleration`` (which the samplers call) against it: tiny2t
+  has K = 2, so ``accel`` uses (v_1, a_0) and ``accel-own`` (v_0, a_0): every head.
+  """
   model, params = tiny2t
   z, y = nhwc(golden["sampler_latents"]), np.asarray(golden["sampler_y"])
   full = jax.jit(lambda x, t: model.apply({"params": params}, x,
@@ -310,19 +317,6 @@ def test_accel_samplers_on_tiny2t_match_a_restatement(tiny2t, golden):
     assert np.abs(out - no_acc).max() > 1e-2
 
 
-def test_velocity_and_acceleration_equals_the_full_forward(tiny2t):
-  model, params = tiny2t
-  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 4))
-  t, y = jnp.full((3,), 0.3), jnp.array([1, 5, 10])
-  vs, accs = jax.jit(lambda p: model.apply({"params": p}, x, t, y,
-                                            method=model.velocity_and_acceleration))(params)
-  ref_v, ref_a, _ = jax.jit(lambda p: model.apply({"params": p}, x, [t] * model.num_branches,
-                                                  y))(params)
-  assert len(vs) == model.num_branches and len(accs) == model.num_branches - 1
-  for a, b in zip(vs + accs, ref_v + ref_a):  # same ops, same order: float32 noise at most
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
-
-
 def test_accel_refused_for_sit():
   sit = DeepFlow(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2,
                  num_heads=2, num_classes=10, df_idxs=())
@@ -340,10 +334,11 @@ _DEVICE_SCRIPT = textwrap.dedent("""
     from deepflow_jax import sampling, sharding as shd
     from test_solvers import PARAMS, STANDIN
     assert jax.device_count() == 8, jax.devices()
+    SAMPLERS = sys.argv[1].split(",")
     out = {}
     labels = np.arange(32) % 3
-    for sampler in sampling.SAMPLERS:
-      grid = "shifted" if sampler in ("ab3", "accel-ab2") else None
+    for sampler in SAMPLERS:
+      grid = "shifted" if sampler in ("sde", "accel-ab2") else None
       res = []
       for devices in (jax.devices()[:1], jax.devices()):
         mesh = shd.data_mesh(devices)
@@ -356,21 +351,28 @@ _DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
+# One sampler per code path (multistep history, data-prediction history, the acceleration
+# pytree with and without history, the SDE on a non-default grid); euler and heun use
+# the same per-step field with no history (tests/test_generate.py checks the default SDE
+# across device counts end to end). Two compilations each.
+DEVICE_SAMPLERS = ("sde", "ab3", "dpm2m", "accel-ab2", "accel-own")
+
+
 def test_device_count_invariance():
   """1 device vs 8 fake CPU devices: the same samples (4 per device; guided and unguided steps).
 
   ``sample_many`` (the sharded path of ``generate`` and of the training grids and digits
-  evaluation) with every sampler on the Gaussian stand-in: per-sample noise and labels
-  come from (seed, index) only and no step mixes rows, so nothing may depend on how the
-  batch is split.
+  evaluation) on the Gaussian stand-in: per-sample noise and labels come from (seed,
+  index) only and no step mixes rows, so nothing may depend on how the batch is split.
   """
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT], env=env, cwd=ROOT,
+  r = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, ",".join(DEVICE_SAMPLERS)], env=env,
+                     cwd=ROOT,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   diffs = json.loads(r.stdout.strip().splitlines()[-1])
-  assert set(diffs) == set(sampling.SAMPLERS)
+  assert set(diffs) == set(DEVICE_SAMPLERS)
   for sampler, (diff, scale) in diffs.items():
     # Element-wise arithmetic on rows that never mix: measured bitwise equal (0.0); the bound
     # 1e-6 leaves room for a backend that picks other kernels for other batch shapes.
