@@ -2,6 +2,8 @@
 
 python -m deepflow_jax.main --config=configs/xl3t.py --workdir=DIR --config.data.path=LATENTS
 The plain SiT baseline under the same setup: --config=configs/xl3t.py:sit
+With SSL alignment (REPA, DINOv2-B/14) as the reference's SSL run:
+--config=configs/xl3t.py:ssl --config.model.encoder_path=dinov2_vitb14_pretrain.pth
 """
 from deepflow_jax import config_lib
 
@@ -23,6 +25,18 @@ def get_config(arg: str = ""):
   c.data.num_classes = 1000
   if arg == "sit":
     config_lib.sit_baseline(c)
+  elif arg == "ssl":
+    # The reference's SSL run: each split's tokens (after its VeRA block) projected by
+    # an MLP (width 2048) to 768 and aligned with DINOv2-B/14 patch features of the
+    # clean image (negative cosine, weight 0.5); the reference enables legacy_scaling
+    # (the VeRA scale soft-cap) with SSL alignment. Name the weights file:
+    # --config.model.encoder_path=dinov2_vitb14_pretrain.pth
+    c.model.ssl_align = True
+    c.model.projector_dim = 2048
+    c.model.z_dim = 768
+    c.model.legacy_scaling = True
+    c.loss.proj_coeff = 0.5
   elif arg:
-    raise ValueError(f"unknown config argument {arg!r} (use ':sit' for the SiT baseline)")
+    raise ValueError(f"unknown config argument {arg!r} (use ':sit' for the SiT baseline, ':ssl' "
+                     "for SSL alignment)")
   return c

@@ -12,6 +12,18 @@ The batch is either pixels ``{"image", "label"}`` or stored VAE moments
 ``{"mean", "std", "label"}``; for the latter the step draws
 ``z = (mean + std * eps) * latent_scale`` with its own RNG (``latent_scale`` from the
 dataset's metadata, ``data.pipeline.DatasetInfo.latent_scale``).
+
+SSL alignment (``model.ssl_align``, REPA; ``docs/architecture.md``): the batch
+also carries the raw images, ``"image"`` uint8 (B, H, W, 3), and the Trainer
+holds a frozen DINOv2 (``load_alignment_encoder``). Inside the jitted step,
+``alignment_features`` preprocesses the images (``x / 255``, ImageNet mean/std,
+PyTorch's bicubic resize to ``14 G`` pixels for the model's ``G x G`` token grid:
+224 for 256-pixel ImageNet latents, 448 at 512, as the reference) and runs the
+encoder under ``stop_gradient`` in the model's compute dtype; its patch tokens
+(B, G*G, z_dim) are the projection loss's targets (``losses.projection_loss``,
+weight ``loss.proj_coeff``). The encoder parameters are a third, replicated,
+non-differentiated argument of the jitted step: not part of the train state and
+not checkpointed (they are read from ``model.encoder_path`` at start-up).
 """
 from __future__ import annotations
 
@@ -27,6 +39,7 @@ import optax
 
 from deepflow_jax import losses
 from deepflow_jax import sharding as shd
+from deepflow_jax.encoders import dinov2
 from deepflow_jax.errors import UserError
 from deepflow_jax.models.deepflow import DeepFlow
 
@@ -70,8 +83,56 @@ def loss_config(config) -> losses.LossConfig:
                            acc_coeff=float(l.acc_coeff), proj_coeff=float(l.proj_coeff))
 
 
-def batch_keys(latent: bool) -> tuple[str, ...]:
-  return ("mean", "std", "label") if latent else ("image", "label")
+def batch_keys(latent: bool, images: bool = False) -> tuple[str, ...]:
+  """The keys of a training batch: latent moments (+ raw images for SSL alignment) or pixels."""
+  if latent:
+    return ("mean", "std", "label") + (("image",) if images else ())
+  return ("image", "label")
+
+
+def alignment_grid(model: DeepFlow) -> int:
+  """G: the model's token grid is G x G; the encoder's patch grid must be the same."""
+  return model.input_size // model.patch_size
+
+
+def load_alignment_encoder(config, model: DeepFlow) -> tuple[dinov2.DinoVisionTransformer, Any]:
+  """The frozen DINOv2 of ``model.encoder_path`` for SSL alignment -> ``(encoder, params)``.
+
+  Its position table is resampled at load to the model's token grid G (as the
+  reference does for REPA), its compute dtype is the model's, parameters are
+  float32 (host arrays). ``model.encoder_num_heads`` (0: the official DINOv2
+  width table) sets the heads. Raises ``UserError`` (one line) for a missing or
+  unreadable file, or an encoder whose width is not ``model.z_dim``.
+  """
+  m = config.model
+  path = str(m.encoder_path)
+  heads = int(m.encoder_num_heads) or None
+  try:
+    encoder, params = dinov2.load_dinov2(path, grid=alignment_grid(model), num_heads=heads,
+                                         dtype=model.dtype)
+  except UserError as e:
+    raise UserError(f"model.encoder_path: {e}") from e
+  if encoder.embed_dim != model.z_dim:
+    raise UserError(f"model.encoder_path={path!r}: the encoder's features have width "
+                    f"{encoder.embed_dim} but model.z_dim={model.z_dim}; set "
+                    f"--config.model.z_dim={encoder.embed_dim}")
+  return encoder, jax.device_get(params)
+
+
+def alignment_features(encoder: dinov2.DinoVisionTransformer, params, images: jax.Array
+                       ) -> jax.Array:
+  """uint8 images (N, H, W, 3) -> the encoder's patch tokens (N, G*G, D) float32, no gradient.
+
+  ``G = encoder.pos_grid``: the images are preprocessed to ``patch * G`` pixels
+  (``dinov2.preprocess_raw_image``), which is ``dinov2.repa_input_size`` for
+  256 and 512 pixels with the models' G of 16 and 32 (the reference's
+  ``preprocess_raw_image`` + ``forward_features``), so this equals
+  ``dinov2.repa_features`` there; tiny test models use a smaller G.
+  """
+  size = encoder.patch_size * encoder.pos_grid
+  x = dinov2.preprocess_raw_image(images, size)
+  out = encoder.apply({"params": params}, x)["x_norm_patchtokens"]
+  return jax.lax.stop_gradient(out.astype(jnp.float32))
 
 
 @dataclasses.dataclass
@@ -81,6 +142,10 @@ class Trainer:
   mesh: Any
   latent: bool  # batches hold VAE moments (True) or pixels (False)
   latent_scale: float = 0.18215  # z = (mean + std * eps) * latent_scale (the dataset's)
+  # SSL alignment (model.ssl_align): the frozen image encoder and its parameters
+  # (load_alignment_encoder); batches then also hold "image".
+  encoder: Optional[dinov2.DinoVisionTransformer] = None
+  encoder_params: Any = None
 
   def __post_init__(self):
     self.tx = make_optimizer(self.config)
@@ -93,11 +158,23 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
         self.state_shardings)
+    self.images = self.encoder is not None
+    if bool(self.model.ssl_align) != self.images:
+      raise UserError("model.ssl_align and the alignment encoder go together: "
+                      f"ssl_align={bool(self.model.ssl_align)}, encoder given: {self.images}")
+    if self.images and not self.latent:
+      raise UserError("SSL alignment needs latent data with raw images (pixel batches' "
+                      "'image' is the model's input)")
     self.batch_shardings = {
-        k: shd.batch_sharding(self.mesh, 1 if k == "label" else 4) for k in batch_keys(self.latent)
+        k: shd.batch_sharding(self.mesh, 1 if k == "label" else 4)
+        for k in batch_keys(self.latent, self.images)
     }
+    # The frozen encoder's parameters: replicated, passed to every step, never trained.
+    self.encoder_params = (jax.device_put(self.encoder_params, shd.replicated(self.mesh))
+                           if self.images else {})
     self._step = jax.jit(self._train_step,
-                         in_shardings=(self.state_shardings, self.batch_shardings),
+                         in_shardings=(self.state_shardings, self.batch_shardings,
+                                       shd.replicated(self.mesh)),
                          out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
                          donate_argnums=(0,))
     self._init = jax.jit(lambda key: nn.unbox(self._init_boxed(key)),
@@ -152,7 +229,7 @@ class Trainer:
       return (batch["mean"] + batch["std"] * eps) * float(self.latent_scale)
     return batch["image"].astype(jnp.float32)
 
-  def _loss(self, params, batch, key):
+  def _loss(self, params, batch, key, encoder_params):
     k_latent, k_loss, k_drop = jax.random.split(key, 3)
     x0 = self._x0(batch, k_latent)
     y = batch["label"].astype(jnp.int32)
@@ -163,7 +240,10 @@ class Trainer:
       return self.model.apply({"params": params}, x, t, y, train=True,
                               rngs={"label_dropout": k_drop})
 
-    total, terms = losses.deepflow_loss(apply_fn, x0, y, draws, self.loss_cfg)
+    features = (alignment_features(self.encoder, encoder_params, batch["image"])
+                if self.images else None)
+    total, terms = losses.deepflow_loss(apply_fn, x0, y, draws, self.loss_cfg,
+                                        encoder_features=features)
     metrics = {"loss": total, "loss_denoise": terms["denoise"], "loss_acc": terms["acc"],
                "loss_proj": terms["proj"]}
     for j in range(terms["denoise_branch"].shape[0]):
@@ -172,11 +252,11 @@ class Trainer:
       metrics[f"loss_acc_branch{j}"] = jnp.mean(terms["acc_branch"][j])
     return total, metrics
 
-  def _grads(self, params, batch, key):
+  def _grads(self, params, batch, key, encoder_params):
     accum = int(self.config.train.grad_accum_steps)
-    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)  # w.r.t. params only
     if accum == 1:
-      (_, metrics), grads = grad_fn(params, batch, key)
+      (_, metrics), grads = grad_fn(params, batch, key, encoder_params)
       return grads, metrics
 
     # Micro-batch i takes rows i, i + accum, ...: every device keeps an equal share.
@@ -189,19 +269,20 @@ class Trainer:
     def body(carry, inp):
       i, mb = inp
       mb = {k: jax.lax.with_sharding_constraint(v, self.batch_shardings[k]) for k, v in mb.items()}
-      (_, m), g = grad_fn(params, mb, jax.random.fold_in(key, i))
+      (_, m), g = grad_fn(params, mb, jax.random.fold_in(key, i), encoder_params)
       acc_g, acc_m = carry
       return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_m, m)), None
 
     zeros_g = jax.tree.map(jnp.zeros_like, params)
-    _, m0 = jax.eval_shape(self._loss, params, jax.tree.map(lambda x: x[0], micro), key)
+    _, m0 = jax.eval_shape(self._loss, params, jax.tree.map(lambda x: x[0], micro), key,
+                           encoder_params)
     zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
     (g, m), _ = jax.lax.scan(body, (zeros_g, zeros_m), (jnp.arange(accum), micro))
     return jax.tree.map(lambda x: x / accum, g), jax.tree.map(lambda x: x / accum, m)
 
-  def _train_step(self, state: TrainState, batch):
+  def _train_step(self, state: TrainState, batch, encoder_params):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grads, metrics = self._grads(state.params, batch, key)
+    grads, metrics = self._grads(state.params, batch, key, encoder_params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = float(self.config.train.ema_decay)
@@ -212,10 +293,11 @@ class Trainer:
     return new, metrics
 
   def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    return self._step(state, batch)
+    return self._step(state, batch, self.encoder_params)
 
   def global_batch(self, local_batch: dict) -> dict:
-    return shd.global_batch({k: local_batch[k] for k in batch_keys(self.latent)}, self.mesh)
+    return shd.global_batch({k: local_batch[k] for k in batch_keys(self.latent, self.images)},
+                            self.mesh)
 
 
 # ---------------------------------------------------------------------------
