@@ -17,7 +17,6 @@ import os
 import socket
 import subprocess
 import sys
-import zipfile
 
 import jax
 import numpy as np
