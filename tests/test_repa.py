@@ -13,9 +13,11 @@ a SIGKILL and a resume, the ArrayRecord format). The encoder is read from a
 ``.safetensors`` copy of the tiny checkpoint (the same tensors) so that the
 subprocesses need not import torch.
 
-Takes ~60-90 s wall on 2 idle cores, most of it two XLA compilations (1 and 8
-devices; the other runs hit the persistent compilation cache) and the
-start-up of six training processes.
+Wall time: 4.0 min with a cold compilation cache on the shared 2-core machine
+under a load average of ~4.7 (176 s of CPU), ~1.5 min with a warm one. Most of
+it is two XLA compilations (1 and 8 devices; the other runs hit the persistent
+compilation cache) and the start-up of five training processes (each ~6.5 s of
+CPU importing deepflow_jax.main).
 """
 import json
 import os
@@ -179,14 +181,22 @@ def test_projection_loss_is_the_reference_formula():
   assert abs(float(losses.projection_loss([jnp.asarray(target) * 3], jnp.asarray(target))) + 1
              ) < 1e-6
   x0 = jnp.zeros((3, 4, 4, 4))
-  draws = losses.draw_loss_randomness(jax.random.key(0), x0.shape, 3, "lognormal")
+  draws = losses.LossDraws(noise=jnp.asarray(rng.normal(size=x0.shape), jnp.float32),
+                           time=jnp.asarray(rng.normal(size=3), jnp.float32),
+                           direction=jnp.float32(0.3),
+                           gaps=jnp.asarray(rng.uniform(size=(2, 3)), jnp.float32))
   apply_fn = lambda x, t, y: ([x * 0] * 3, [x * 0] * 2, [jnp.asarray(z) for z in zs])
   cfg = losses.LossConfig(scale_weight=(0.2, 0.2, 1.0), proj_coeff=0.5)
-  total, terms = losses.deepflow_loss(apply_fn, x0, jnp.zeros(3, jnp.int32), draws, cfg,
-                                      encoder_features=jnp.asarray(target))
-  assert abs(float(terms["proj"]) - want) < 1e-6
-  np.testing.assert_allclose(float(total), float(terms["denoise"]) + float(terms["acc"])
-                             + 0.5 * want, rtol=1e-6)
+
+  @jax.jit
+  def loss(features):
+    total, terms = losses.deepflow_loss(apply_fn, x0, jnp.zeros(3, jnp.int32), draws, cfg,
+                                        encoder_features=features)
+    return total, terms["denoise"], terms["acc"], terms["proj"]
+
+  total, denoise, acc, proj = loss(jnp.asarray(target))
+  assert abs(float(proj) - want) < 1e-6
+  np.testing.assert_allclose(float(total), float(denoise) + float(acc) + 0.5 * want, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------- the encoder
@@ -246,12 +256,12 @@ def test_ssl_configs(tmp_path):
       config_lib.validate(c)
 
 
-def _config(data, **kw):
+def _config(data, overrides):
   c = config_lib.load_config(B2T + ":ssl", **TINY)
   c.data.path, c.model.encoder_path = data["repa"], data["encoder"]
-  for k, v in kw.items():
-    *sec, leaf = k.split(".")
-    c[sec[0]][leaf] = v
+  for k, v in overrides.items():
+    sec, leaf = k.split(".")
+    c[sec][leaf] = v
   return c
 
 
@@ -261,27 +271,22 @@ def test_startup_errors_are_one_line_and_leave_the_workdir_untouched(data, tmp_p
   broken = tmp_path / "broken"
   os.symlink(os.path.join(data["repa"], "vae-sd"), tmp_path / "vae-sd")  # latents, no images/
   cases = [
-      (dict(**{"model.encoder_path": str(tmp_path / "missing.pth")}), "missing.pth'?: no such file"),
-      (dict(**{"model.encoder_path": str(bad)}), "model.encoder_path: .*garbage.pth: corrupt"),
-      (dict(**{"model.z_dim": 32}), r"width 64 but model.z_dim=32; set --config.model.z_dim=64"),
-      (dict(**{"data.path": str(tmp_path)}), "images: no such folder"),
+      ({"model.encoder_path": str(tmp_path / "missing.pth")}, "missing.pth'?: no such file"),
+      ({"model.encoder_path": str(bad)}, "model.encoder_path: .*garbage.pth: corrupt"),
+      ({"model.z_dim": 32}, r"width 64 but model.z_dim=32; set --config.model.z_dim=64"),
+      ({"data.path": str(tmp_path)}, "images: no such folder"),
   ]
   for kw, msg in cases:
     wd = tmp_path / "wd"
     with pytest.raises(UserError, match=msg) as e:
-      train_loop.train(_config(data, **kw), str(wd))
+      train_loop.train(_config(data, kw), str(wd))
     assert "\n" not in str(e.value)
     assert not wd.exists()  # refused before anything was written
   # Image and latent counts differ: the pairing by sorted position is refused.
   shutil.copytree(data["repa"], broken)
   os.remove(broken / "images" / "00001" / "img00000015.png")
   with pytest.raises(UserError, match=r"15 image files but .* holds 16 latent files"):
-    train_loop.train(_config(data, **{"data.path": str(broken)}), str(tmp_path / "wd"))
-  # The command line: exit status 2, one line, no traceback, no workdir.
-  wd = tmp_path / "cli"
-  r = run_main(wd, data, f"model.encoder_path={tmp_path / 'missing.pth'}", check=False)
-  assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
-  assert not wd.exists()
+    train_loop.train(_config(data, {"data.path": str(broken)}), str(tmp_path / "wd"))
 
 
 # ---------------------------------------------------------------------------- training
@@ -346,7 +351,7 @@ def test_sigkill_and_resume_with_images_is_bit_identical(straight, data, tmp_pat
 
 
 def test_arrayrecord_with_images_trains_like_the_repa_folder(straight, data, tmp_path):
-  """The same examples in the project's format: the same batches, so the same losses, bit for bit."""
+  """The same examples in the project's format: the same batches, so the same losses exactly."""
   wd, _ = straight
   ar = tmp_path / "ar"
   run_main(ar, data, f"train.num_steps={STEPS}", name="ar")
