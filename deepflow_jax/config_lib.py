@@ -54,6 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_impl = ""  # "" (XLA picks), "xla", "cudnn"
   m.dtype = "auto"  # compute dtype: "auto" = bfloat16 on accelerators, float32 on CPU
   m.param_dtype = "float32"
+  # Rematerialisation in the backward pass (memory for compute; parameter names do
+  # not change): "none"; "block" (every SiT and VeRA block keeps only its inputs
+  # and recomputes the rest); "dots" (per block, matmul outputs without batch
+  # dimensions are saved, attention scores and element-wise results recomputed).
+  m.remat = "none"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.weighting = "lognormal"
@@ -83,8 +88,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.ckpt_every = 10_000
   c.train.keep_ckpts = 3
   c.train.sample_every = 50_000  # PNG grid of EMA samples; 0 = only at the end
-  c.train.init_from = ""  # a converted checkpoint dir to fine-tune from (its one set of weights)
+  c.train.init_from = ""  # fine-tune from: a converted checkpoint dir, or a workdir (its EMA)
   c.train.debug_sigkill_at_step = -1  # testing aid: SIGKILL itself after this step
+  # JAX's persistent compilation cache, so that a restarted job skips compiling:
+  # "" = WORKDIR/.jax_cache, "none" = off, else a directory (may be shared by runs).
+  # JAX_COMPILATION_CACHE_DIR in the environment takes precedence.
+  c.train.compile_cache_dir = ""
 
   # The input pipeline's own keys (deepflow_jax.data.pipeline, whose
   # default_config() is this block with name unset); None = placeholder, typed
@@ -262,6 +271,7 @@ def validate(config) -> None:
   for key, allowed in (("model.dtype", ("auto",) + tuple(_DTYPES)),
                        ("model.param_dtype", tuple(_DTYPES)),
                        ("model.attention_impl", ("", "xla", "cudnn")),
+                       ("model.remat", ("none", "block", "dots")),
                        ("loss.weighting", ("lognormal", "uniform")),
                        ("loss.path_type", ("linear", "cosine")),
                        ("optim.schedule", ("constant", "cosine")),
@@ -312,6 +322,10 @@ def validate(config) -> None:
         problems.append(f"eval.{key}={e[key]!r}: no such file")
     if m.in_channels not in (1, 3) and not config.sample.vae:
       problems.append("eval.fid_every > 0 on a latent model needs sample.vae to decode samples")
+  cache = t.compile_cache_dir
+  if cache not in ("", "none") and os.path.exists(cache) and not os.path.isdir(cache):
+    problems.append(f"train.compile_cache_dir={cache!r} exists and is not a directory (use a "
+                    "directory, \"\" for WORKDIR/.jax_cache or \"none\" to turn the cache off)")
   if config.data.name in ("repa", "arrayrecord") and not config.data.path:
     problems.append(f"data.path is required for data.name={config.data.name!r}")
   if config.data.name == "digits":

@@ -51,6 +51,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 LN_EPS = 1e-6  # every non-affine LayerNorm of the reference
 AFFINE_LN_EPS = 1e-5  # torch nn.LayerNorm default: cross-attention LN, qk-norm
 
+# ``DeepFlow.remat``: what each SiT / VeRA block keeps from its forward pass for the
+# backward pass. "none": everything XLA keeps; "block": only the block's inputs, the
+# rest is recomputed (``jax.checkpoint`` per block); "dots": the outputs of matmuls
+# without batch dimensions (every Dense: qkv, proj, MLP, adaLN) are kept, attention
+# scores and element-wise results recomputed. Parameter names and values are the same
+# under every policy.
+REMAT_POLICIES = {"none": None, "block": None,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 
 # ---------------------------------------------------------------------------
 # Initialisers (the reference's; docs/architecture.md) with logical axis annotations.
@@ -499,6 +508,7 @@ class DeepFlow(nn.Module):
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"  # a key of REMAT_POLICIES (training memory; not architecture)
 
   @property
   def num_branches(self) -> int:
@@ -510,21 +520,28 @@ class DeepFlow(nn.Module):
 
   def setup(self):
     validate_architecture(self)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d = self.hidden_size
     out = self.patch_size**2 * self.in_channels
+    sit_block, vera_block = SiTBlock, VeRABlock
+    if self.remat != "none":  # same module names, so the same parameter tree
+      policy = REMAT_POLICIES[self.remat]
+      sit_block = nn.remat(SiTBlock, policy=policy)
+      vera_block = nn.remat(VeRABlock, policy=policy)
     self.x_embedder = PatchEmbed(self.patch_size, d, **kw)
     self.t_embedder = TimestepEmbedder(d, **kw)
     self.y_embedder = LabelEmbedder(self.num_classes, d, self.class_dropout_prob, **kw)
     self.blocks = [
-        SiTBlock(d, self.num_heads, self.mlp_ratio, self.qk_norm, self.attention_impl, **kw)
+        sit_block(d, self.num_heads, self.mlp_ratio, self.qk_norm, self.attention_impl, **kw)
         for _ in range(self.depth)
     ]
     self.final_layer = [FinalLayer(d, out, **kw) for _ in range(2)]
     if self.df_idxs:
       self.dt_embedder = TimestepEmbedder(2 * d, **kw)
       self.df_blocks = [
-          VeRABlock(d, self.num_heads, self.projector_dim, self.legacy_scaling,
+          vera_block(d, self.num_heads, self.projector_dim, self.legacy_scaling,
                     self.attention_impl, **kw) for _ in self.df_idxs
       ]
       self.final_acc_layer = FinalLayer(d, out, **kw)

@@ -94,14 +94,14 @@ def attention_implementation(requested: str, platform: str, dtype,
 
 def model_from_config(config, platform: str = "cpu",
                       log: Callable[[str], None] = print) -> DeepFlow:
-  """The ``DeepFlow`` that ``config.model`` describes, with its dtypes and attention kernel."""
+  """The ``DeepFlow`` that ``config.model`` describes: dtypes, attention kernel, remat policy."""
   m = config.model
   kw = {f: m[f] for f in ARCH_FIELDS}
   kw["df_idxs"] = tuple(int(i) for i in m.df_idxs)
   dtype = compute_dtype(config, platform)
   return DeepFlow(**kw, attention_impl=attention_implementation(m.attention_impl, platform, dtype,
                                                                 log),
-                  dtype=dtype, param_dtype=DTYPES[m.param_dtype])
+                  dtype=dtype, param_dtype=DTYPES[m.param_dtype], remat=m.get("remat", "none"))
 
 
 def model_to_dict(model: DeepFlow) -> dict[str, Any]:
