@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import numpy as np
 from clu import parameter_overview
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 from deepflow_jax import config_lib
 from deepflow_jax import images as images_lib
@@ -47,7 +48,8 @@ from deepflow_jax.evaluation import inception
 from deepflow_jax.evaluation import suite
 from deepflow_jax.metric_writer import MetricWriter
 from deepflow_jax.models.loading import is_converted_dir
-from deepflow_jax.models.loading import load_converted
+from deepflow_jax.models.loading import is_workdir
+from deepflow_jax.models.loading import load_model
 from deepflow_jax.models.loading import model_from_config
 from deepflow_jax.progress import Progress
 from deepflow_jax.progress import format_duration
@@ -75,6 +77,50 @@ def write_config(workdir: str, config) -> None:
   with open(path + ".tmp", "w") as f:
     f.write(text)
   os.replace(path + ".tmp", path)
+
+
+def compilation_cache_dir(config, workdir: str) -> Optional[str]:
+  """Where JAX's persistent compilation cache lives for this run (None: off).
+
+  ``JAX_COMPILATION_CACHE_DIR`` in the environment wins (JAX reads it itself);
+  otherwise ``train.compile_cache_dir``: ``""`` is ``WORKDIR/.jax_cache``,
+  ``"none"`` turns the cache off, anything else is the directory to use.
+  """
+  env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if env:
+    return env
+  setting = str(config.train.compile_cache_dir)
+  if setting == "none":
+    return None
+  return os.path.abspath(os.path.expanduser(setting or os.path.join(workdir, ".jax_cache")))
+
+
+def setup_compilation_cache(config, workdir: str) -> Optional[str]:
+  """Points JAX's persistent compilation cache at ``compilation_cache_dir``; returns it.
+
+  Called before the run's first large compilation (the initialiser, the train
+  step): a restarted job then loads the compiled programs instead of compiling
+  them again (programs that took under a second to compile are not stored). A
+  notebook's second run with another directory switches the cache over.
+  """
+  path = compilation_cache_dir(config, workdir)
+  if path != jax.config.jax_compilation_cache_dir:
+    jax_compilation_cache.reset_cache()  # the cache is opened once; forget an earlier one
+    jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
+def peak_memory_bytes() -> Optional[int]:
+  """The largest peak device memory of this process's devices (None where not reported: CPU)."""
+  peaks = []
+  for d in jax.local_devices():
+    try:
+      stats = d.memory_stats()
+    except Exception:  # pylint: disable=broad-except  # backends without allocator stats
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
 
 
 def check_data_matches_model(info, model) -> None:
@@ -119,9 +165,9 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir}: exists and is not a directory")
   t = config.train
-  if t.init_from and not is_converted_dir(t.init_from):
+  if t.init_from and not (is_converted_dir(t.init_from) or is_workdir(t.init_from)):
     raise UserError(f"train.init_from={t.init_from!r}: not a converted checkpoint directory "
-                    "(python -m deepflow_jax.convert writes one)")
+                    "(python -m deepflow_jax.convert writes one) or a training workdir")
   if config.sample.vae and not os.path.exists(config.sample.vae):
     raise UserError(f"sample.vae={config.sample.vae!r}: no such VAE folder")
   platform = jax.default_backend()
@@ -144,6 +190,8 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
         f"{config.model.encoder_path} on {encoder.pos_grid}x{encoder.pos_grid} patches of "
         f"{encoder.patch_size * encoder.pos_grid}-pixel inputs (images {info.image_shape}), "
         f"projection weight {float(config.loss.proj_coeff)}")
+  cache_dir = setup_compilation_cache(config, workdir)  # before the first large compilation
+  log(f"compilation cache: {cache_dir or 'off'}")
   trainer = train_lib.Trainer(config, model, mesh, latent=info.is_latent,
                               latent_scale=info.latent_scale, encoder=encoder,
                               encoder_params=encoder_params)
@@ -157,7 +205,9 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
     data_it.set_state(data_state)
     log(f"resumed from {ckpt.directory}/{step}")
   elif t.init_from:
-    _, params = load_converted(t.init_from)
+    # A converted checkpoint, or a training workdir's newest EMA weights. The sin-cos
+    # positions are not parameters: weights of another input_size (256 -> 512) fit.
+    _, params = load_model(t.init_from)
     state = trainer.state_from_params(params, int(t.seed))
     step = 0
     log(f"initialised from {t.init_from} (fine-tuning)")
@@ -269,6 +319,10 @@ def iterate_training(config, workdir: str, *, log: Optional[Callable[[str], None
             tflops = flops * sps / jax.device_count() / 1e12
             metrics.update(tflops_per_device=tflops, mfu=tflops * 1e12 / peak)
             extra = f" | {tflops:.1f} TFLOP/s/dev MFU {100 * tflops * 1e12 / peak:.1f}%"
+          peak_mem = peak_memory_bytes()  # accelerators; CPU reports nothing
+          if peak_mem is not None:
+            metrics["peak_memory_gib"] = peak_mem / 2**30
+            extra += f" | peak mem {peak_mem / 2**30:.1f} GiB"
           writer.scalars(step, metrics)
           proj = f" proj {metrics['loss_proj']:.4f}" if model.ssl_align else ""
           log(f"step {step}/{num_steps} | loss {metrics['loss']:.4f} (denoise "
