@@ -83,6 +83,27 @@ def loss_config(config) -> losses.LossConfig:
                            acc_coeff=float(l.acc_coeff), proj_coeff=float(l.proj_coeff))
 
 
+# Largest parameter count for which the CPU initialiser is compiled without LLVM
+# optimisation: XLA's CPU compile time grows with the number of parameter arrays
+# (each is its own kernel) and -O0 cuts it ~3x, but -O0 kernels draw random numbers
+# ~5x slower, which outweighs the saving past ~10^8 parameters (DeepFlow-XL at
+# 8x8 latents on 2 CPU cores: compile 24 -> 16 s, run 13 -> 65 s).
+INIT_O0_MAX_CPU_PARAMS = 50_000_000
+
+
+def init_compiler_options(platform: str, num_params: int) -> dict[str, Any]:
+  """XLA options for the one-off programs that create a fresh state.
+
+  These programs run once, so their compile time matters more than their speed:
+  on GPUs and for CPU models under ``INIT_O0_MAX_CPU_PARAMS`` parameters they are
+  compiled with ``xla_backend_optimization_level=0``; otherwise (big CPU models,
+  TPUs) with XLA's defaults.
+  """
+  if platform == "gpu" or (platform == "cpu" and num_params <= INIT_O0_MAX_CPU_PARAMS):
+    return {"xla_backend_optimization_level": 0}
+  return {}
+
+
 def batch_keys(latent: bool, images: bool = False) -> tuple[str, ...]:
   """The keys of a training batch: latent moments (+ raw images for SSL alignment) or pixels."""
   if latent:
@@ -146,6 +167,9 @@ class Trainer:
   # (load_alignment_encoder); batches then also hold "image".
   encoder: Optional[dinov2.DinoVisionTransformer] = None
   encoder_params: Any = None
+  # XLA options for the fresh-state programs (init_state, state_from_params);
+  # None: init_compiler_options for the mesh's platform and the parameter count.
+  init_options: Optional[dict[str, Any]] = None
 
   def __post_init__(self):
     self.tx = make_optimizer(self.config)
@@ -177,8 +201,19 @@ class Trainer:
                                        shd.replicated(self.mesh)),
                          out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
                          donate_argnums=(0,))
+    # The fresh state is created directly in its sharded layout. The model's forward
+    # pass inside model.init is dead code that JAX drops before XLA sees it (the HLO
+    # equals that of a shapes-only init); what remains is one random-number kernel
+    # per parameter array, compiled with init_options.
+    if self.init_options is None:
+      n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes.params))
+      self.init_options = init_compiler_options(self.mesh.devices.flat[0].platform, n_params)
     self._init = jax.jit(lambda key: nn.unbox(self._init_boxed(key)),
-                         out_shardings=self.state_shardings)
+                         out_shardings=self.state_shardings, compiler_options=self.init_options)
+    self._from_params = jax.jit(self._state_with_params,
+                                in_shardings=(self.state_shardings.params, None),
+                                out_shardings=self.state_shardings,
+                                compiler_options=self.init_options)
 
   # -- state ---------------------------------------------------------------
 
@@ -199,6 +234,12 @@ class Trainer:
         rng=jax.random.key_data(k_state),
     )
 
+  def _state_with_params(self, params, key_data):
+    _, k_state = jax.random.split(jax.random.wrap_key_data(key_data))  # as _init_boxed
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=jax.tree.map(jnp.copy, params), opt_state=self.tx.init(params),
+                      rng=jax.random.key_data(k_state))
+
   def init_state(self, seed: int) -> TrainState:
     """A fresh, sharded state; parameters initialised as the reference."""
     return self._init(jax.random.key_data(jax.random.key(seed)))
@@ -214,12 +255,11 @@ class Trainer:
       shape = sorted("/".join(k) for k in set(want) & set(got) if want[k] != got[k])
       raise UserError(f"init_from weights do not fit the configured model: missing {missing[:5]}, "
                       f"unexpected {extra[:5]}, mis-shaped {shape[:5]}")
-    # A fresh AdamW state (zero moments, count 0) does not depend on the parameter
-    # values, so the one init_state builds, already sharded, is kept.
-    state = self.init_state(seed)
+    # Zero AdamW moments, the EMA a copy, the step RNG as init_state(seed) draws it;
+    # no random parameters are drawn only to be replaced.
     params = jax.tree.map(lambda v, s: jax.device_put(jnp.asarray(v, s.dtype), s.sharding),
                           params, self.abstract_state.params)
-    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+    return self._from_params(params, jax.random.key_data(jax.random.key(seed)))
 
   # -- step ----------------------------------------------------------------
 
@@ -306,7 +346,28 @@ class Trainer:
 
 
 def forward_flops_per_example(model: DeepFlow) -> float:
-  """Matmul FLOPs (2 per multiply-add) of one training forward pass of one example."""
+  """Matmul FLOPs (2 per multiply-add) of one training forward pass of one example.
+
+  With width D, T tokens, depth L, K branches, MLP width M = mlp_ratio * D,
+  projector width P, patch output O = p * p * C (and z_dim Z with SSL alignment):
+
+  * patch embedding ``2 T O D``;
+  * each SiT block ``2 T D 3D`` (qkv) + ``4 T^2 D`` (q k^T and the weighted sum of v)
+    + ``2 T D D`` (output projection) + ``4 T D M`` (MLP) + ``2 D 6D`` (adaLN, per
+    example, not per token);
+  * the time embedder ``2 (256 D + D D)`` once per branch;
+  * ``2K - 1`` heads (K velocity, K - 1 acceleration), each ``2 T D O + 2 D 2D``;
+  * each of the K - 1 VeRA blocks: acceleration MLP (D -> P -> 2P -> P -> D)
+    ``2 T (D P + 4 P^2 + P D)``, time-gap modulation ``2 (2D)(4D)`` (adaLN) +
+    ``2 T (4 D^2 + 2 D^2)`` (MLP 2D -> 2D -> D), cross-space attention
+    ``2 T D 3D + 4 T^2 D + 2 T D D``, and the time-gap embedder
+    ``2 (256 2D + 4 D^2)``;
+  * with SSL alignment, K - 1 projectors ``2 T (D P + P P + P Z)``.
+
+  Element-wise work (norms, activations, softmax, the loss) is left out; XLA's
+  own count of a compiled forward, which includes it, is within 5% of this total
+  (``tests/test_train.py``).
+  """
   d, t, l = model.hidden_size, model.num_tokens, model.depth
   p_out = model.patch_size**2 * model.in_channels
   k = model.num_branches
@@ -329,7 +390,13 @@ def forward_flops_per_example(model: DeepFlow) -> float:
 
 
 def train_flops_per_example(model: DeepFlow) -> float:
-  """Forward + backward (about twice the forward)."""
+  """Model FLOPs of one training example: forward + backward = 3 x the forward.
+
+  The backward pass of a matmul costs two matmuls of the same size (gradients of
+  its input and of its weight). Work repeated by rematerialisation
+  (``model.remat``) is not counted, so MFU stays comparable across remat policies
+  (it is "model FLOPs utilisation", not hardware FLOPs).
+  """
   return 3.0 * forward_flops_per_example(model)
 
 
