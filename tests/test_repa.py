@@ -9,15 +9,15 @@ to 4 x 4 and the images are resized to 14 * 4 = 56 pixels: the same rule that
 gives the reference's 224 (G = 16) at 256 pixels and 448 (G = 32) at 512.
 
 The runs go through ``python -m deepflow_jax.main`` (1 and 8 fake CPU devices,
-a SIGKILL and a resume, the ArrayRecord format). The encoder is read from a
-``.safetensors`` copy of the tiny checkpoint (the same tensors) so that the
-subprocesses need not import torch.
+a SIGKILL and a resume, the ArrayRecord format). There the encoder is read from
+a ``.safetensors`` copy of the tiny checkpoint (the same tensors; the in-process
+tests read the ``.pth``), so both file kinds are exercised.
 
-Wall time: 4.0 min with a cold compilation cache on the shared 2-core machine
-under a load average of ~4.7 (176 s of CPU), ~1.5 min with a warm one. Most of
-it is two XLA compilations (1 and 8 devices; the other runs hit the persistent
-compilation cache) and the start-up of five training processes (each ~6.5 s of
-CPU importing deepflow_jax.main).
+Wall time on the shared 2-core machine under a load average of ~4.8 (other
+jobs): 3.6 min (150 s of CPU) with a cold compilation cache, 2.5 min (103 s of
+CPU) with a warm one. Most of it is two XLA compilations (1 and 8 devices; the
+other runs hit the persistent compilation cache) and the start-up of five
+training processes (each ~6.5 s of CPU importing deepflow_jax.main).
 """
 import json
 import os
@@ -103,7 +103,7 @@ def data(tmp_path_factory):
   records.write_latent_dataset(
       ar, [(m[:4].transpose(1, 2, 0), m[4:].transpose(1, 2, 0), l, im) for m, l, im in examples],
       num_examples=N, num_classes=4, num_shards=2, resolution=RES)
-  # The tiny DINOv2's tensors as safetensors (read without torch by the subprocesses).
+  # The tiny DINOv2's tensors as safetensors (what the training subprocesses read).
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from deepflow_jax import torch_io  # pylint: disable=g-import-not-at-top
   sd = torch_io.flat_state_dict(torch_io.load_weights_file(TINY_PTH), TINY_PTH)
