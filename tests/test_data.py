@@ -669,7 +669,7 @@ def test_arrayrecord_images(tmp_path):
   rng = np.random.default_rng(4)
   ex = [e + (_image(rng, 8),) for e in make_examples(6)]
   meta = records.write_latent_dataset(tmp_path / "img", ex, num_examples=6, num_classes=3,
-                                      num_shards=2)
+                                      num_shards=2, resolution=8, vae_downsampling=2)
   assert meta["image_shape"] == [8, 8, 3]
   cfg = {"name": "arrayrecord", "path": os.fspath(tmp_path / "img"), "shuffle": False}
   b = next(pipeline.make_train_iterator(cfg, global_batch_size=6, process_index=0,
@@ -683,6 +683,12 @@ def test_arrayrecord_images(tmp_path):
   np.testing.assert_array_equal(plain["mean"], b["mean"])
   assert pipeline.dataset_info(cfg, images=True).image_shape == (8, 8, 3)
   assert pipeline.dataset_info(cfg).image_shape is None
+  meta_file = tmp_path / "img" / records.METADATA_FILE
+  json.dump(dict(meta, image_shape=[16, 16, 3]), open(meta_file, "w"))
+  with pytest.raises(UserError, match=r"image_shape \[16, 16, 3\] does not match the latents' "
+                                      "resolution 8"):
+    pipeline.dataset_info(cfg, images=True)
+  json.dump(meta, open(meta_file, "w"))
   # Datasets without images (older ones included) read as before, and refuse images=True.
   records.write_latent_dataset(tmp_path / "old", make_examples(4), num_examples=4, num_classes=3)
   assert "image_shape" not in json.load(open(tmp_path / "old" / records.METADATA_FILE))

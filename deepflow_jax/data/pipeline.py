@@ -787,6 +787,9 @@ class ArrayRecordLatentSource:
         shape = ()
       if len(shape) != 3 or shape[2] != 3 or min(shape) <= 0:
         raise UserError(f"{meta_file}: image_shape {recorded!r} is not [H, W, 3]")
+      if shape[:2] != (resolution or h * down,) * 2:
+        raise UserError(f"{meta_file}: image_shape {list(shape)} does not match the latents' "
+                        f"resolution {resolution or h * down}")
       self.image_shape = shape
     self.info = DatasetInfo(ARRAYRECORD, True, meta_shape, c, self.num_classes, num_examples,
                             resolution or h * down, scale, down, self.image_shape)
