@@ -119,14 +119,14 @@ def main(argv=None):
     return 0
   if a.distributed:
     _initialize_distributed(a)
-  encode.encode_dataset(
+  result = encode.encode_dataset(
       a.source, a.vae, a.output, split=a.split, resolution=a.resolution, format=a.format,
       save_images=a.save_images, batch_size=a.batch_size,
       examples_per_shard=a.examples_per_shard, limit=a.limit, num_workers=a.num_workers,
       precision=a.precision, tfds_data_dir=a.tfds_data_dir, process_index=a.process_index,
       process_count=a.process_count, stop_after_shards=a.stop_after_shards,
       log_every_s=a.log_every_s)
-  return 0
+  return result.exit_status
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ resumable state) and ``data.encode`` (the job).
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -476,3 +477,28 @@ def test_coordinated_processes(folder, arrayrecord_out, tmp_path):
   assert "p0/2" in outs[0][0] and "done: 6 examples" in outs[0][0]
   assert "p1/2" in outs[1][0] and "done:" not in outs[1][0]
   assert_same_tree(out, arrayrecord_out)
+
+
+def test_sigterm_keeps_finished_shards_and_the_rerun_completes(folder, arrayrecord_out, tmp_path,
+                                                               capsys, monkeypatch):
+  """SIGTERM after the first shard: exit 143, one line, finished shards kept, rerun = clean run."""
+  finish = latent_writer.ShardWriter.finish
+  calls = []
+
+  def finish_then_sigterm(self):
+    finish(self)
+    calls.append(1)
+    if len(calls) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # handled by the encoder's StopRequests
+
+  monkeypatch.setattr(latent_writer.ShardWriter, "finish", finish_then_sigterm)
+  out = tmp_path / "out"
+  rc, cap = run(args(folder, out), capsys)
+  assert rc == 143 and "SIGTERM" in cap.out and "rerun the same command" in cap.out
+  assert "Traceback" not in cap.err
+  assert not (out / "metadata.json").exists()
+  assert not [n for n in os.listdir(out) if ".tmp" in n]  # the abandoned shard left nothing
+  monkeypatch.setattr(latent_writer.ShardWriter, "finish", finish)
+  rc, _ = run(args(folder, out), capsys)
+  assert rc == 0
+  assert tree_bytes(out) == tree_bytes(arrayrecord_out)

@@ -61,6 +61,7 @@ from deepflow_jax.data import latent_writer
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import first_line
 from deepflow_jax.progress import Progress
+from deepflow_jax.signals import StopRequests
 from deepflow_jax.sharding import data_mesh
 
 PRECISIONS = ("highest", "default")
@@ -116,8 +117,11 @@ def _ordered_parallel(fn: Callable, items: Iterable, workers: int, ahead: int) -
 def encode_shards(source, settings: dict, out: str, shards: Sequence[int], vae, params, *,
                   batch_size: int, num_workers: int, log: Callable[[str], None] = _print,
                   tag: str = "preprocess", stop_after_shards: int | None = None,
-                  log_every_s: float = 10.0, devices=None) -> tuple[int, bool]:
-  """Encodes and writes ``shards`` (in order); returns (shards finished, stopped early).
+                  log_every_s: float = 10.0, devices=None) -> tuple[int, bool, int]:
+  """Encodes and writes ``shards`` (in order); returns (shards finished, stopped early, status).
+
+  SIGTERM / SIGINT stop it before the next image (status 143 / 130): unfinished
+  shards are abandoned (their temporary files removed), finished ones kept.
 
   ``batch_size`` is per device; the batch is split over ``devices`` (default:
   ``jax.local_devices()``). Unreadable images are reported on stderr, skipped,
@@ -189,8 +193,13 @@ def encode_shards(source, settings: dict, out: str, shards: Sequence[int], vae, 
 
   stopped = False
   loader = _ordered_parallel(load, items, num_workers, ahead=max(2 * global_batch, 8))
+  signals = StopRequests(sigterm=jax.process_count() == 1)
   try:
+    signals.__enter__()
     for x in loader:
+      if signals.requested:  # the shards in hand are abandoned; finished ones are kept
+        stopped = True
+        break
       if x.shard not in writers:
         writers[x.shard] = latent_writer.ShardWriter(out, settings, x.shard)
       if x.error is not None:
@@ -222,12 +231,17 @@ def encode_shards(source, settings: dict, out: str, shards: Sequence[int], vae, 
         inflight = None
       stopped = finish_ready() and finished < total_shards
   finally:
+    signals.__exit__()
     loader.close()  # stops the decoding threads
     for w in writers.values():  # only unfinished shards remain here
       w.abandon()
+  if signals.requested:
+    log(signals.message(tag, f"stopped after {finished} shard(s) this run; finished shards are "
+                        "kept, rerun the same command to resume"))
+    return finished, True, signals.exit_status
   if stopped:
     log(f"[{tag}] stopping after {finished} shard(s) (stop_after_shards)")
-  return finished, stopped
+  return finished, stopped, 0
 
 
 @dataclasses.dataclass
@@ -237,7 +251,8 @@ class EncodeResult:
   Attributes:
     output: the output folder (absolute).
     shards_written: shards this process finished in this run.
-    stopped: True when it stopped early (``stop_after_shards``).
+    stopped: True when it stopped early (``stop_after_shards``, or a signal).
+    exit_status: 143 / 130 when SIGTERM / SIGINT stopped it, else 0.
     missing: shards not done yet (other processes' shards of independent
       launches); empty when the final files were written.
   """
@@ -245,6 +260,7 @@ class EncodeResult:
   shards_written: int
   stopped: bool
   missing: list[int]
+  exit_status: int = 0
 
   @property
   def complete(self) -> bool:
@@ -347,13 +363,14 @@ def encode_dataset(source: str, vae: str, output: str, *, split: str = "train",
       f"{settings['latent_shape']}; {num_shards} shards, {len(done)} already done, "
       f"{len(mine)} for this process; {len(devices)} device(s) x {batch_size} per batch, "
       f"{num_workers} decoding threads")
-  written, stopped = encode_shards(
+  written, stopped, status = encode_shards(
       src, settings, out, mine, vae_model, params, batch_size=batch_size,
       num_workers=num_workers, log=log, tag=tag, stop_after_shards=stop_after_shards,
       log_every_s=log_every_s, devices=devices)
   if stopped:
     done = latent_writer.done_shards(out, settings)
-    return EncodeResult(out, written, True, [s for s in range(num_shards) if s not in done])
+    return EncodeResult(out, written, True, [s for s in range(num_shards) if s not in done],
+                        exit_status=status)
   if coordinated:
     multihost_utils.sync_global_devices("preprocess-shards-done")
     if pidx == 0:
