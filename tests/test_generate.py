@@ -10,6 +10,7 @@ outputs up to ~15 after 4 guided SDE steps).
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -283,3 +284,32 @@ def test_evaluation_at_the_end(tmp_path, capsys, monkeypatch):
   err = capsys.readouterr().err.strip()
   assert rc == 2 and len(err.splitlines()) == 1 and "--inception" in err
   assert not os.path.exists(tmp_path / "o2")
+
+
+def test_sigterm_keeps_finished_batches_and_the_rerun_completes(base_run, ckpt, tmp_path, capsys,
+                                                                monkeypatch):
+  """SIGTERM after the first batch: exit 143, one line, the batch kept; the rerun = clean run."""
+  from deepflow_jax import generation, outputs  # pylint: disable=g-import-not-at-top
+  save = outputs.atomic_save_npy
+  calls = []
+
+  def save_then_sigterm(path, array):
+    save(path, array)
+    if "latents" in path:
+      calls.append(path)
+      if len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by generation's StopRequests
+
+  monkeypatch.setattr(generation.outputs, "atomic_save_npy", save_then_sigterm)
+  out = str(tmp_path / "out")
+  rc = generate.main([f"--checkpoint={ckpt}", f"--output={out}", "--per_device_batch=4"] + COMMON)
+  cap = capsys.readouterr()
+  assert rc == 143 and "SIGTERM" in cap.out and "rerun the same command" in cap.out
+  assert os.listdir(os.path.join(out, "latents")) == ["batch_00000000.npy"]
+  assert not os.path.exists(os.path.join(out, "samples.npz"))
+  monkeypatch.setattr(generation.outputs, "atomic_save_npy", save)
+  assert generate.main([f"--checkpoint={ckpt}", f"--output={out}", "--per_device_batch=4"]
+                       + COMMON) == 0
+  a, b = _samples(base_run[0]), _samples(out)
+  np.testing.assert_array_equal(a["labels"], b["labels"])
+  np.testing.assert_array_equal(a["latents"], b["latents"])
