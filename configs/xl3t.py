@@ -4,6 +4,10 @@ python -m deepflow_jax.main --config=configs/xl3t.py --workdir=DIR --config.data
 The plain SiT baseline under the same setup: --config=configs/xl3t.py:sit
 With SSL alignment (REPA, DINOv2-B/14) as the reference's SSL run:
 --config=configs/xl3t.py:ssl --config.model.encoder_path=dinov2_vitb14_pretrain.pth
+ImageNet 512 (64x64x4 latents, 1,024 tokens; preprocess --resolution=512), e.g. fine-tuned
+from 256 weights (a converted checkpoint or a training workdir; the sin-cos positions are
+recomputed for the 32x32-token grid, every parameter keeps its shape):
+--config=configs/xl3t.py:512 --config.train.init_from=ckpt/xl3t --config.data.path=LATENTS512
 """
 from deepflow_jax import config_lib
 
@@ -36,7 +40,12 @@ def get_config(arg: str = ""):
     c.model.z_dim = 768
     c.model.legacy_scaling = True
     c.loss.proj_coeff = 0.5
+  elif arg == "512":
+    # Four times the tokens of 256: attention costs ~16x and activations ~4x per image;
+    # bench_train.py --find_max_batch gives the per-device batch that fits, and
+    # --config.model.remat=block trades ~1/3 more compute for activation memory.
+    c.model.input_size = 64
   elif arg:
     raise ValueError(f"unknown config argument {arg!r} (use ':sit' for the SiT baseline, ':ssl' "
-                     "for SSL alignment)")
+                     "for SSL alignment, ':512' for ImageNet 512)")
   return c

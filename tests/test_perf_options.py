@@ -169,6 +169,15 @@ def test_weights_of_a_smaller_input_size_run_with_their_own_positions():
   big = DeepFlow(**{**TINY, "input_size": 16})
   assert big.num_tokens == 4 * small.num_tokens
   assert loading.param_shapes(big) == loading.param_shapes(small)
+  # The shipped 512 preset against the 256 one: 1,024 tokens, the same parameter shapes.
+  shapes = {}
+  for arg in ("", ":512"):
+    cfg = config_lib.load_config(os.path.join(ROOT, "configs", "xl3t.py") + arg,
+                                 **{"data.path": "/unused"})
+    config_lib.validate(cfg)
+    shapes[arg] = loading.param_shapes(loading.model_from_config(cfg))
+  assert loading.model_from_config(cfg).num_tokens == 1024
+  assert shapes[":512"] == shapes[""]
   params = loading.init_params(small, seed=5)
   x, y = _dummy(big, 2)
   _, inter = big.apply({"params": params}, x, [jnp.full((2,), 0.5)] * 3, y,
