@@ -17,11 +17,29 @@ weights of ``--encoder_variant`` (vitb14: DINOv2-B/14, the reference's; the cost
 does not depend on the values):
 
     python scripts/bench_train.py --config=configs/xl3t.py --batch=256 --ssl
+
+Memory: every run prints XLA's memory analysis of the compiled step (arguments +
+outputs - donated aliases + temporaries: the step's device-memory need, on every
+backend) and, on accelerators, the allocator's peak after the timed steps.
+``--remat=none|block|dots`` sets ``model.remat``. ``--find_max_batch`` times
+nothing: it compiles the step (abstract inputs, nothing allocated) at two
+per-device batches, fits memory = fixed + per-example x batch, and prints the
+largest per-device batch whose estimate fits ``--memory_gb`` (default 80, an
+80 GB card; ``--memory_headroom`` is left for the runtime), then with
+``--verify`` runs two steps at that batch. ``--profile_dir=DIR`` writes a
+``jax.profiler`` trace of three more steps after the timed ones (``DIR/plugins/
+profile/*/*.trace.json.gz`` opens in Perfetto):
+
+    python scripts/bench_train.py --config=configs/xl3t.py --find_max_batch --remat=none
+    python scripts/bench_train.py --config=configs/xl3t.py:512 --find_max_batch --remat=block
+
+The last line of output is one JSON object with every number printed.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import time
 
@@ -71,13 +89,102 @@ def _encoder_flops(encoder, image_side: int) -> float:
   return float(f + encoder.depth * block)
 
 
-def _step_timer(trainer, gbatch):
+def _step_timer(trainer, gbatch, compiled=None):
+  """A no-argument step function on a fresh state (``compiled``: a compiled Trainer step)."""
   state = [trainer.init_state(0)]
+  step = trainer.step if compiled is None else (
+      lambda st, b: compiled(st, b, trainer.encoder_params))
 
   def run():
-    state[0], m = trainer.step(state[0], gbatch)
+    state[0], m = step(state[0], gbatch)
     return m
   return run
+
+
+def compile_step(trainer, batch_shapes: dict):
+  """The Trainer's jitted step compiled for abstract inputs (nothing is allocated)."""
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_shardings[k])
+           for k, v in batch_shapes.items()}
+  # pylint: disable-next=protected-access  # the very program main runs
+  return trainer._step.lower(trainer.abstract_state, batch, trainer.encoder_params).compile()
+
+
+def step_memory_bytes(compiled) -> int:
+  """XLA's device-memory need of a compiled step: arguments + outputs - aliases + temporaries."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return 0
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+           + m.temp_size_in_bytes)
+  return int(max(total, getattr(m, "peak_memory_in_bytes", 0) or 0))
+
+
+def device_peak_bytes():
+  """The allocator's peak over the local devices (None where not reported, e.g. CPU)."""
+  peaks = []
+  for d in jax.local_devices():
+    try:
+      stats = d.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+def _batch_arrays(rng, model, latent: bool, n: int) -> dict:
+  h, ch = model.input_size, model.in_channels
+  if latent:
+    batch = {"mean": rng.standard_normal((n, h, h, ch)).astype(np.float32),
+             "std": np.full((n, h, h, ch), 0.1, np.float32)}
+  else:
+    batch = {"image": rng.uniform(-1, 1, (n, h, h, ch)).astype(np.float32)}
+  batch["label"] = rng.integers(0, model.num_classes, n).astype(np.int32)
+  return batch
+
+
+def find_max_batch(c, model, mesh, latent: bool, a) -> dict:
+  """The largest per-device batch whose compiled step fits ``a.memory_gb`` (a linear fit)."""
+  ndev = jax.device_count()
+  budget = a.memory_gb * 1e9 - a.memory_headroom * 1e9
+  b1, b2 = a.probe_batches
+  mem = {}
+  for b in (b1, b2):
+    c.train.global_batch_size = b * ndev
+    trainer = train_lib.Trainer(c, model, mesh, latent=latent)
+    shapes = _batch_arrays(np.random.default_rng(0), model, latent, 1)
+    shapes = {k: jax.ShapeDtypeStruct((b * ndev,) + v.shape[1:], v.dtype)
+              for k, v in shapes.items()}
+    t0 = time.perf_counter()
+    mem[b] = step_memory_bytes(compile_step(trainer, shapes))
+    print(f"per-device batch {b}: compiled step needs {mem[b] / 1e9:.2f} GB per device "
+          f"(compile {time.perf_counter() - t0:.1f} s)", flush=True)
+  per_example = (mem[b2] - mem[b1]) / (b2 - b1)
+  fixed = mem[b1] - per_example * b1
+  best = int((budget - fixed) // per_example) if per_example > 0 else 0
+  best = max(best // a.round_to * a.round_to if best >= a.round_to else best, 0)
+  res = {"memory_gb": a.memory_gb, "headroom_gb": a.memory_headroom,
+         "probe_gb": {str(b): round(v / 1e9, 3) for b, v in mem.items()},
+         "fixed_gb": round(fixed / 1e9, 3), "per_example_gb": round(per_example / 1e9, 4),
+         "max_per_device_batch": best, "remat": c.model.remat, "tokens": model.num_tokens}
+  print(f"fit: {fixed / 1e9:.2f} GB fixed + {per_example / 1e9:.4f} GB per example -> largest "
+        f"per-device batch for {a.memory_gb:g} GB ({a.memory_headroom:g} GB headroom): {best}",
+        flush=True)
+  if a.verify and best > 0:
+    c.train.global_batch_size = best * ndev
+    trainer = train_lib.Trainer(c, model, mesh, latent=latent)
+    gbatch = trainer.global_batch(_batch_arrays(np.random.default_rng(0), model, latent,
+                                                best * ndev))
+    try:
+      _, dt = _time(_step_timer(trainer, gbatch), 1, 1)
+      res.update(verified=True, verify_step_s=round(dt, 3),
+                 verify_peak_gb=round((device_peak_bytes() or 0) / 1e9, 2))
+      print(f"verified: 2 steps at per-device batch {best} ran ({dt:.2f} s/step, allocator "
+            f"peak {res['verify_peak_gb']} GB)", flush=True)
+    except Exception as e:  # pylint: disable=broad-except  # out of memory
+      res.update(verified=False, verify_error=str(e).splitlines()[0][:200])
+      print(f"verify FAILED at per-device batch {best}: {res['verify_error']}", flush=True)
+  return res
 
 
 def main():
@@ -97,6 +204,20 @@ def main():
                  help="--ssl without --encoder: random weights of this DINOv2 variant")
   p.add_argument("--no_baseline", action="store_true",
                  help="--ssl: skip the step without alignment")
+  p.add_argument("--remat", default=None, choices=("none", "block", "dots"),
+                 help="model.remat (default: the config's)")
+  p.add_argument("--find_max_batch", action="store_true",
+                 help="largest per-device batch that fits --memory_gb (compiles, times nothing)")
+  p.add_argument("--memory_gb", type=float, default=80.0, help="--find_max_batch: device GB")
+  p.add_argument("--memory_headroom", type=float, default=2.0,
+                 help="--find_max_batch: GB left for the runtime (CUDA context, allocator)")
+  p.add_argument("--probe_batches", type=int, nargs=2, default=(16, 32),
+                 help="--find_max_batch: the two per-device batches compiled for the fit")
+  p.add_argument("--round_to", type=int, default=8, help="--find_max_batch: round down to")
+  p.add_argument("--profile_dir", default="",
+                 help="after timing, write a jax.profiler trace (TensorBoard + Perfetto) of 3 steps")
+  p.add_argument("--verify", action="store_true",
+                 help="--find_max_batch: run two steps at the batch found")
   a = p.parse_args()
   c = config_lib.load_config(a.config, **{
       k: _parse(v) for k, v in (o.split("=", 1) for o in a.override)})
@@ -104,6 +225,8 @@ def main():
   c.model.dtype = a.dtype
   c.mesh.fsdp = a.mesh_fsdp
   c.data.path = c.data.path or "/unused"
+  if a.remat is not None:
+    c.model.remat = a.remat
   ssl = a.ssl or c.model.ssl_align
   c.model.ssl_align = False  # validated without it: the encoder comes from the flags
   config_lib.validate(c)
@@ -111,14 +234,17 @@ def main():
   model = loading.model_from_config(c, platform)
   mesh = shd.make_mesh(c)
   latent = c.data.name != "digits"
+  header = {"backend": platform, "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind, "config": a.config,
+            "overrides": a.override, "dtype": np.dtype(model.dtype).name,
+            "attention_impl": model.attention_impl or "auto", "remat": model.remat,
+            "tokens": model.num_tokens}
+  if a.find_max_batch:
+    print(json.dumps({**header, **find_max_batch(c, model, mesh, latent, a)}), flush=True)
+    return
   rng = np.random.default_rng(0)
-  h, ch = model.input_size, model.in_channels
-  if latent:
-    batch = {"mean": rng.standard_normal((a.batch, h, h, ch)).astype(np.float32),
-             "std": np.full((a.batch, h, h, ch), 0.1, np.float32)}
-  else:
-    batch = {"image": rng.uniform(-1, 1, (a.batch, h, h, ch)).astype(np.float32)}
-  batch["label"] = rng.integers(0, model.num_classes, a.batch).astype(np.int32)
+  h = model.input_size
+  batch = _batch_arrays(rng, model, latent, a.batch)
   encoder = enc_params = None
   if ssl:
     if not latent:
@@ -140,7 +266,22 @@ def main():
   trainer = train_lib.Trainer(c, model, mesh, latent=latent, encoder=encoder,
                               encoder_params=enc_params)
   gbatch = trainer.global_batch(batch)
-  warm, dt = _time(_step_timer(trainer, gbatch), a.warmup, a.steps)
+  t0 = time.perf_counter()
+  compiled = compile_step(trainer, {k: v for k, v in gbatch.items()})
+  compile_s = time.perf_counter() - t0
+  need = step_memory_bytes(compiled)
+  timer = _step_timer(trainer, gbatch, compiled)
+  warm, dt = _time(timer, a.warmup, a.steps)
+  device_peak = device_peak_bytes()
+  if a.profile_dir:  # after timing, so the trace does not slow the timed steps
+    try:
+      with jax.profiler.trace(a.profile_dir, create_perfetto_trace=True):
+        for _ in range(3):
+          out = timer()
+        jax.block_until_ready(out)
+      print(f"profile of 3 steps written under {a.profile_dir}", flush=True)
+    except Exception as e:  # pylint: disable=broad-except  # no profiler support (CUPTI) here
+      print(f"profiling failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
   flops = train_lib.train_flops_per_example(model) * a.batch
   tflops = flops / dt / jax.device_count() / 1e12
@@ -148,11 +289,23 @@ def main():
   print(f"backend {platform}: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh "
         f"{dict(mesh.shape)}; model {c.model.preset or 'custom'} ({n_params:,} params, "
         f"{model.num_tokens} tokens, dtype {np.dtype(model.dtype).name}); global batch {a.batch}")
-  print(f"compile + {a.warmup} warm-up steps: {warm:.1f} s")
+  print(f"remat {model.remat}; attention {model.attention_impl or 'auto'}; compile "
+        f"{compile_s:.1f} s; init + {a.warmup} warm-up steps: {warm:.1f} s")
+  mfu = 100 * tflops * 1e12 / peak if peak and platform != "cpu" else None
   print(f"{1 / dt:.3f} steps/s | {a.batch / dt:.1f} images/s | {a.batch / dt / jax.device_count():.1f}"
         f" images/s/device | {tflops:.3f} TFLOP/s/device (analytic, DeepFlow only)"
-        + (f" | MFU {100 * tflops * 1e12 / peak:.1f}%" if peak and platform != "cpu" else ""))
+        + (f" | MFU {mfu:.1f}%" if mfu is not None else ""))
+  print(f"memory per device: compiled step needs {need / 2**30:.2f} GiB (XLA's analysis)"
+        + (f"; allocator peak {device_peak / 2**30:.2f} GiB" if device_peak is not None else
+           "; no allocator statistics on this backend"))
+  result = {**header, "params": n_params, "global_batch": a.batch, "compile_s": round(compile_s, 2),
+            "step_s": round(dt, 5), "steps_per_s": round(1 / dt, 4),
+            "images_per_s": round(a.batch / dt, 2), "tflops_per_device": round(tflops, 4),
+            "mfu_percent": None if mfu is None else round(mfu, 2),
+            "step_memory_gib": round(need / 2**30, 3),
+            "peak_memory_gib": None if device_peak is None else round(device_peak / 2**30, 3)}
   if not ssl:
+    print(json.dumps(result), flush=True)
     return
   feats = jax.jit(lambda p, x: train_lib.alignment_features(encoder, p, x),
                   in_shardings=(shd.replicated(mesh), trainer.batch_shardings["image"]))
