@@ -203,8 +203,8 @@ def main(argv=None):
           f"programs, {r['cache_hits']} of them from the persistent cache)", flush=True)
   first, again = results["first_start"]["to_first_step_s"], results["restart"]["to_first_step_s"]
   ratio = again / first
-  print(f"restart / first start = {ratio:.2f} (bar: <= 0.5: {'met' if ratio <= 0.5 else 'NOT met'})",
-        flush=True)
+  verdict = "met" if ratio <= 0.5 else "NOT met"
+  print(f"restart / first start = {ratio:.2f} (bar: <= 0.5: {verdict})", flush=True)
   summary = {"config": a.config, "overrides": overrides, **results, "ratio": round(ratio, 3),
              "load_average": os.getloadavg()}
   if a.init_options:

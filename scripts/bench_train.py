@@ -215,7 +215,7 @@ def main():
                  help="--find_max_batch: the two per-device batches compiled for the fit")
   p.add_argument("--round_to", type=int, default=8, help="--find_max_batch: round down to")
   p.add_argument("--profile_dir", default="",
-                 help="after timing, write a jax.profiler trace (TensorBoard + Perfetto) of 3 steps")
+                 help="after timing, a jax.profiler trace (TensorBoard + Perfetto) of 3 steps")
   p.add_argument("--verify", action="store_true",
                  help="--find_max_batch: run two steps at the batch found")
   a = p.parse_args()
@@ -292,8 +292,9 @@ def main():
   print(f"remat {model.remat}; attention {model.attention_impl or 'auto'}; compile "
         f"{compile_s:.1f} s; init + {a.warmup} warm-up steps: {warm:.1f} s")
   mfu = 100 * tflops * 1e12 / peak if peak and platform != "cpu" else None
-  print(f"{1 / dt:.3f} steps/s | {a.batch / dt:.1f} images/s | {a.batch / dt / jax.device_count():.1f}"
-        f" images/s/device | {tflops:.3f} TFLOP/s/device (analytic, DeepFlow only)"
+  print(f"{1 / dt:.3f} steps/s | {a.batch / dt:.1f} images/s | "
+        f"{a.batch / dt / jax.device_count():.1f} images/s/device | {tflops:.3f} TFLOP/s/device "
+        "(analytic, DeepFlow only)"
         + (f" | MFU {mfu:.1f}%" if mfu is not None else ""))
   print(f"memory per device: compiled step needs {need / 2**30:.2f} GiB (XLA's analysis)"
         + (f"; allocator peak {device_peak / 2**30:.2f} GiB" if device_peak is not None else
