@@ -129,3 +129,12 @@ class Checkpointer:
     self._closed = True
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def __getattr__(name: str):
+  # ``deepflow_jax.checkpointing.load_workdir_ema`` was public before the loaders moved to
+  # ``deepflow_jax.models.loading``; resolved lazily because that module imports this one.
+  if name == "load_workdir_ema":
+    from deepflow_jax.models import loading  # pylint: disable=g-import-not-at-top
+    return loading.load_workdir_ema
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -184,7 +184,7 @@ def test_sigterm_saves_and_exits(tmp_path):
   assert p.returncode == 143, out[-2000:]
   saved = [int(s) for s in os.listdir(wd / "checkpoints")]
   assert len(saved) == 1 and saved[0] >= 3, saved
-  assert f"preempted: saved step {saved[0]}" in out
+  assert f"[train] SIGTERM: saved step {saved[0]} to {wd / 'checkpoints'}" in out
   r = run_main(wd, f"--config.train.num_steps={saved[0] + 2}")
   assert f"resumed from {wd / 'checkpoints'}/{saved[0]}" in r.stdout
 
