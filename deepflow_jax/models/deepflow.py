@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -141,11 +142,8 @@ def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
 
 def unpatchify(x: Array, p: int, c: int) -> Array:
   """(N, T, p*p*C) tokens (row-major) -> (N, H, W, C); each token ordered (row off, col off, C)."""
-  n, t, _ = x.shape
-  g = int(round(math.sqrt(t)))
-  x = x.reshape(n, g, g, p, p, c)
-  x = jnp.einsum("nhwpqc->nhpwqc", x)
-  return x.reshape(n, g * p, g * p, c)
+  g = int(round(math.sqrt(x.shape[1])))
+  return einops.rearrange(x, "n (h w) (p q c) -> n (h p) (w q) c", h=g, w=g, p=p, q=p, c=c)
 
 
 # ---------------------------------------------------------------------------
@@ -244,8 +242,7 @@ class PatchEmbed(nn.Module):
         param_dtype=self.param_dtype,
         kernel_init=_part(init, (None, None, "patch", "embed")),
         bias_init=_part(zeros, ("embed",)), name="proj")(x)
-    n, h, w, d = x.shape
-    return x.reshape(n, h * w, d)
+    return einops.rearrange(x, "n h w d -> n (h w) d")
 
 
 # ---------------------------------------------------------------------------
