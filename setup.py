@@ -36,8 +36,10 @@ setup(
         # `torch` requirement pulls a multi-GB CUDA build.
         "torch": ["torch==2.13.0"],
         "tfds": ["tensorflow-datasets>=4.9.10"],
-        # nbclient/nbformat/ipykernel: tests/test_notebook.py executes docs/colab.ipynb.
-        "test": ["pytest>=8", "torch==2.13.0", "tensorflow-datasets>=4.9.10", "nbclient>=0.11",
-                 "nbformat>=5.11", "ipykernel>=7.4"],
+        # nbclient/nbformat/ipykernel: tests/test_notebook.py executes docs/colab.ipynb;
+        # pytest-xdist: the README's test command runs two workers.
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0",
+                 "tensorflow-datasets>=4.9.10", "nbclient>=0.11", "nbformat>=5.11",
+                 "ipykernel>=7.4"],
     },
 )
