@@ -143,6 +143,7 @@ from array_record.python import array_record_module
 from ml_collections import config_dict
 from PIL import Image
 
+from deepflow_jax import npy_io
 from deepflow_jax.data import digits as digits_lib
 from deepflow_jax.data import records
 from deepflow_jax.errors import UserError
@@ -553,12 +554,7 @@ class RepaLatentSource:
     return os.path.join(self.image_dir, self.image_files[i])
 
   def _read_image_bytes(self, i: int) -> bytes:
-    try:
-      with open(self._image_path(i), "rb", buffering=0) as f:
-        return f.readall()
-    except OSError as e:
-      raise UserError(f"{self._image_path(i)} (example {i}): unreadable image "
-                      f"({type(e).__name__}: {first_line(e)})") from e
+    return npy_io.read_bytes(self._image_path(i), f"example {i}", "image")
 
   def _decode_image(self, i: int, data: bytes) -> np.ndarray:
     """Image ``i`` as uint8 (H, W, 3): PIL for image files (RGB only), ``.npy`` as CHW uint8."""
@@ -621,13 +617,7 @@ class RepaLatentSource:
     """The header of a (2c, h, w) C-order float ``.npy`` like ``data``; None if it is not one."""
     try:
       fp = io.BytesIO(data)
-      version = np.lib.format.read_magic(fp)
-      if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-      elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-      else:
-        return None
+      shape, fortran, dtype = npy_io.read_header(fp)
     except ValueError:
       return None
     h, w, c = self.latent_shape
@@ -641,12 +631,7 @@ class RepaLatentSource:
     return os.path.join(self.root, self.files[i])
 
   def _read_bytes(self, i: int) -> bytes:
-    try:
-      with open(self._path(i), "rb", buffering=0) as f:
-        return f.readall()
-    except OSError as e:
-      raise UserError(f"{self._path(i)} (example {i}): unreadable .npy "
-                      f"({type(e).__name__}: {e})") from e
+    return npy_io.read_bytes(self._path(i), f"example {i}", ".npy")
 
   def _decode(self, i: int, data: bytes) -> np.ndarray:
     """The general ``.npy`` decoder (``np.load(allow_pickle=False)``), with the checks."""

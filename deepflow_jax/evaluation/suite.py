@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from deepflow_jax import npy_io
 from deepflow_jax import outputs
 from deepflow_jax.errors import UserError, first_line
 from deepflow_jax.evaluation import inception as inception_lib
@@ -331,16 +332,10 @@ def _open_npz(path: str) -> zipfile.ZipFile:
 
 def _read_npy_header(f, path: str, key: str):
   try:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-      shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-      shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
-      raise ValueError(f"unsupported .npy format version {version}")
+    shape, fortran, dtype = npy_io.read_header(f)
   except ValueError as e:
     raise UserError(f"{path}: {key} is not a readable .npy array ({first_line(e)})") from e
-  return tuple(shape), fortran, np.dtype(dtype), f.tell()
+  return shape, fortran, dtype, f.tell()
 
 
 def npz_keys(path: str) -> tuple[str, ...]:
