@@ -8,6 +8,19 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 TINY2T_PT = os.path.join(DATA, "tiny2t.pt")
 
 
+def restore_state(workdir, step):
+  """A training workdir's saved TrainState at ``step`` as host arrays, whatever device
+  layout saved it (imports inside: test modules choose XLA's device count first)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(str(workdir), "checkpoints", str(step), "state")
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as c:
+    meta = c.metadata(path).item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
+    return jax.device_get(c.restore(path, target))
+
+
 def nhwc(a):
   """Reference NCHW arrays -> our NHWC."""
   return np.transpose(np.asarray(a), (0, 2, 3, 1))

@@ -17,9 +17,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from conftest import restore_state
 from deepflow_jax import config_lib
 from deepflow_jax import losses
 from deepflow_jax import train_loop
@@ -160,7 +160,7 @@ def test_restart_hits_the_cache_and_a_workdir_starts_a_larger_input_size(tmp_pat
   assert f"initialised from {wd}" in r.stdout
   # Learning rate 0: the new run's parameters after its step are the old run's EMA weights.
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               _restore(dst, 1)["params"], jax.device_get(ema))
+               restore_state(dst, 1)["params"], jax.device_get(ema))
 
 
 def test_weights_of_a_smaller_input_size_run_with_their_own_positions():
@@ -188,12 +188,3 @@ def test_weights_of_a_smaller_input_size_run_with_their_own_positions():
   np.testing.assert_allclose(s - patch, np.broadcast_to(sincos_pos_embed(32, 8), s.shape),
                              atol=1e-6)
 
-
-def _restore(workdir, step):
-  """A saved TrainState as host arrays."""
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as c:
-    meta = c.metadata(path).item_metadata
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
-    return jax.device_get(c.restore(path, target))

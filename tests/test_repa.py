@@ -32,11 +32,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import restore_state
 from deepflow_jax import config_lib
 from deepflow_jax import losses
 from deepflow_jax import train as train_lib
 from deepflow_jax import train_loop
-from deepflow_jax.data import pipeline
 from deepflow_jax.data import records
 from deepflow_jax.encoders import dinov2
 from deepflow_jax.errors import UserError
@@ -129,16 +129,6 @@ def run_main(workdir, data, *extra, devices=1, check=True, name="repa"):
 def metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return {m["step"]: m for m in map(json.loads, f)}
-
-
-def restore_state(workdir, step):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as c:
-    meta = c.metadata(path).item_metadata
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
-    return jax.device_get(c.restore(path, target))
 
 
 @pytest.fixture(scope="module")

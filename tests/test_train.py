@@ -11,8 +11,9 @@ import subprocess
 import sys
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+
+from conftest import restore_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -45,17 +46,6 @@ def run_main(workdir, *overrides, devices=1, timeout=300, check=True, config=DIG
   if check and r.returncode != 0:
     raise AssertionError(f"main failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
   return r
-
-
-def restore_state(workdir, step):
-  """The saved TrainState as host arrays, whatever device layout saved it."""
-  import jax  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as c:
-    meta = c.metadata(path).item_metadata
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
-    return jax.device_get(c.restore(path, target))
 
 
 def assert_trees_equal(a, b):
