@@ -29,17 +29,8 @@ def get_config(arg: str = ""):
   c.data.num_classes = 1000
   if arg == "sit":
     config_lib.sit_baseline(c)
-  elif arg == "ssl":
-    # The reference's SSL run: each split's tokens (after its VeRA block) projected by
-    # an MLP (width 2048) to 768 and aligned with DINOv2-B/14 patch features of the
-    # clean image (negative cosine, weight 0.5); the reference enables legacy_scaling
-    # (the VeRA scale soft-cap) with SSL alignment. Name the weights file:
-    # --config.model.encoder_path=dinov2_vitb14_pretrain.pth
-    c.model.ssl_align = True
-    c.model.projector_dim = 2048
-    c.model.z_dim = 768
-    c.model.legacy_scaling = True
-    c.loss.proj_coeff = 0.5
+  elif arg == "ssl":  # name the weights: --config.model.encoder_path=dinov2_vitb14_pretrain.pth
+    config_lib.ssl_alignment(c)
   elif arg == "512":
     # Four times the tokens of 256: attention costs ~16x and activations ~4x per image;
     # bench_train.py --find_max_batch gives the per-device batch that fits, and

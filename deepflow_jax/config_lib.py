@@ -222,6 +222,20 @@ def sit_baseline(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return config
 
 
+def ssl_alignment(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The reference's SSL run (REPA): each split's tokens (after its VeRA block) projected
+  by an MLP (width 2048) to 768 and aligned with DINOv2-B/14 patch features of the clean
+  image (negative cosine, weight 0.5); the reference enables legacy_scaling (the VeRA
+  scale soft-cap) with SSL alignment. The weights file is named by
+  ``--config.model.encoder_path=dinov2_vitb14_pretrain.pth``."""
+  config.model.ssl_align = True
+  config.model.projector_dim = 2048
+  config.model.z_dim = 768
+  config.model.legacy_scaling = True
+  config.loss.proj_coeff = 0.5
+  return config
+
+
 def _all_keys(node, path="") -> list[str]:
   out = []
   for k in node.keys():

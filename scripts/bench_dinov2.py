@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,6 +33,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from deepflow_jax.encoders import dinov2  # pylint: disable=wrong-import-position
 from deepflow_jax.sharding import data_mesh  # pylint: disable=wrong-import-position
+from bench_vae import time_calls  # scripts/: the same timing loop  # pylint: disable=wrong-import-position
 
 
 def _parse(argv):
@@ -47,19 +47,6 @@ def _parse(argv):
                  help="computation dtype (params stay float32)")
   p.add_argument("--phases", default="encoder,repa_features")
   return p.parse_args(argv)
-
-
-def _time(fn, args, iters, warmup):
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))  # compile + first run
-  compile_s = time.perf_counter() - t0
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  for _ in range(iters):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / iters, compile_s
 
 
 def main(argv=None):
@@ -91,7 +78,7 @@ def main(argv=None):
   phases = {"encoder": (encode, (params, x)), "repa_features": (features, (params, images))}
   for name in args.phases.split(","):
     fn, fn_args = phases[name]
-    sec, compile_s = _time(fn, fn_args, args.iters, args.warmup)
+    sec, compile_s = time_calls(fn, fn_args, args.iters, args.warmup)
     print(json.dumps({
         "phase": name, "variant": args.variant, "params_M": round(n_params / 1e6, 1),
         "input": f"{args.batch}x{r}x{r}x3 uint8" if name == "repa_features"

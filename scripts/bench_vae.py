@@ -41,7 +41,10 @@ def _parse(argv):
   return p.parse_args(argv)
 
 
-def _time(fn, args, iters, warmup):
+def time_calls(fn, args, iters, warmup):
+  """(seconds per call of ``fn(*args)`` over ``iters`` timed calls, compile + first call).
+
+  Also used by bench_dinov2.py."""
   t0 = time.perf_counter()
   jax.block_until_ready(fn(*args))  # compile + first run
   compile_s = time.perf_counter() - t0
@@ -95,7 +98,7 @@ def main(argv=None):
   results = {}
   for phase in args.phases.split(","):
     fn, inp = {"encode": (encode, x), "decode": (decode, z)}[phase]
-    sec, compile_s = _time(fn, (params, inp), args.iters, args.warmup)
+    sec, compile_s = time_calls(fn, (params, inp), args.iters, args.warmup)
     ips = args.batch / sec
     results[phase] = dict(sec_per_batch=sec, images_per_s=ips,
                           images_per_s_per_device=ips / n_dev, compile_s=compile_s)
