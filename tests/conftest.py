@@ -4,8 +4,21 @@ import os
 import numpy as np
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TINY2T_PT = os.path.join(DATA, "tiny2t.pt")
+
+
+def cpu_env(devices=1, compile_cache=False):
+  """The environment for a subprocess of the suite: CPU only with ``devices`` virtual
+  devices, the repository on PYTHONPATH; ``compile_cache`` shares one persistent
+  compilation cache among the suite's runs (unless the caller's environment names one)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  if compile_cache:
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax_cache"))
+  return env
 
 
 def restore_state(workdir, step):

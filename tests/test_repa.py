@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import cpu_env
 from conftest import restore_state
 from deepflow_jax import config_lib
 from deepflow_jax import losses
@@ -62,11 +63,7 @@ TINY = {
 
 
 def _env(devices=1):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax_cache"))
-  return env
+  return cpu_env(devices, compile_cache=True)
 
 
 def _example(rng, i):

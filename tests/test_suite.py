@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import cpu_env
 from deepflow_jax.errors import UserError
 from deepflow_jax.evaluation import metrics as M
 from deepflow_jax.evaluation import suite
@@ -230,13 +231,6 @@ def test_evaluate_samples(net):
   assert res2["fid"] == res["fid"] and res2["sfid"] is None and res2["precision"] is None
 
 
-def _worker_env(devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
 def _worker(devices, batch, processes=1):
   """Runs tests/evaluation_worker.py with ``processes`` JAX processes of ``devices`` devices."""
   cmd = [sys.executable, os.path.join(ROOT, "tests", "evaluation_worker.py"), str(batch)]
@@ -247,7 +241,7 @@ def _worker(devices, batch, processes=1):
       s.bind(("127.0.0.1", 0))
       port = s.getsockname()[1]
     cmds = [cmd + [str(port), str(processes), str(i)] for i in range(processes)]
-  procs = [subprocess.Popen(c, cwd=ROOT, env=_worker_env(devices), stdout=subprocess.PIPE,
+  procs = [subprocess.Popen(c, cwd=ROOT, env=cpu_env(devices), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for c in cmds]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import cpu_env
 from conftest import restore_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,11 +30,7 @@ TINY = [
 
 
 def _env(devices=1):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax_cache"))
-  return env
+  return cpu_env(devices, compile_cache=True)
 
 
 def run_main(workdir, *overrides, devices=1, timeout=300, check=True, config=DIGITS, tiny=True):
