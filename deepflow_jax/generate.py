@@ -5,7 +5,7 @@
         [--num_steps=250] [--grid=uniform|shifted|poly|reference] [--grid_shift=2] \\
         [--grid_rho=1.5] [--cfg_scale=1.0] \\
         [--guidance_low=0.0] [--guidance_high=1.0] [--per_device_batch=16] [--seed=0] \\
-        [--labels=random|cycle] [--vae=VAE_DIR] [--dtype=float32|bfloat16]
+        [--labels=random|cycle] [--vae=VAE_DIR] [--dtype=auto|float32|bfloat16]
 
 ``--checkpoint`` is a directory written by ``python -m deepflow_jax.convert`` or
 a training workdir of ``python -m deepflow_jax.main`` (the EMA weights of its
@@ -32,6 +32,7 @@ from deepflow_jax.evaluation import suite
 from deepflow_jax.generation import GenerationSettings
 from deepflow_jax.generation import generate_to_folder
 from deepflow_jax.models.loading import SAMPLING_DTYPES
+from deepflow_jax.models.loading import sampling_dtype
 from deepflow_jax.models.loading import load_model
 from deepflow_jax.models.loading import workdir_latent_scale
 from deepflow_jax.signals import StopRequests
@@ -73,8 +74,9 @@ def _parser() -> ArgumentParser:
   p.add_argument("--vae", default=None,
                  help="VAE folder (diffusers or convert_vae) to decode latents into images; "
                  "without it a latent model writes latents only")
-  p.add_argument("--dtype", default="float32", choices=SAMPLING_DTYPES,
-                 help="model compute dtype (the sampler state stays float32)")
+  p.add_argument("--dtype", default="auto", choices=("auto",) + SAMPLING_DTYPES,
+                 help="model compute dtype; auto: bfloat16 on accelerators, float32 on CPU "
+                 "(the sampler state stays float32; --dtype=float32 for float32 everywhere)")
   e = p.add_argument_group("evaluation when every sample is done (ADM suite: FID, sFID, IS, "
                            "precision, recall)")
   e.add_argument("--reference", default=None,
@@ -93,8 +95,8 @@ def main(argv=None):
   settings = GenerationSettings(
       num_samples=a.num_samples, sampler=a.sampler, num_steps=a.num_steps,
       cfg_scale=a.cfg_scale, guidance_low=a.guidance_low, guidance_high=a.guidance_high,
-      seed=a.seed, labels=a.labels, dtype=a.dtype, grid=a.grid, grid_shift=a.grid_shift,
-      grid_rho=a.grid_rho)
+      seed=a.seed, labels=a.labels, dtype=sampling_dtype(a.dtype), grid=a.grid,
+      grid_shift=a.grid_shift, grid_rho=a.grid_rho)
   problems = settings.problems()
   if a.per_device_batch < 1:
     problems.append(f"--per_device_batch must be >= 1, got {a.per_device_batch}")
@@ -108,7 +110,7 @@ def main(argv=None):
       raise UserError(f"--inception={a.inception}: no such file")
     eval_output = a.eval_output or os.path.join(a.output, "metrics.json")
     suite.check_output_path(eval_output, "--eval_output")
-  model, params = load_model(a.checkpoint, a.dtype)
+  model, params = load_model(a.checkpoint, settings.dtype)
   pixel_space = model.in_channels in (1, 3)
   if a.vae and pixel_space:
     raise UserError(f"the model samples {model.in_channels}-channel images (pixel space); "

@@ -313,3 +313,19 @@ def test_sigterm_keeps_finished_batches_and_the_rerun_completes(base_run, ckpt, 
   a, b = _samples(base_run[0]), _samples(out)
   np.testing.assert_array_equal(a["labels"], b["labels"])
   np.testing.assert_array_equal(a["latents"], b["latents"])
+
+
+def test_sampling_dtype_auto_is_bf16_on_accelerators_only():
+  """--dtype=auto (the default): float32 on CPU, bfloat16 on GPU/TPU; names pass through."""
+  assert loading.sampling_dtype("auto", "cpu") == "float32"
+  assert loading.sampling_dtype("auto", "gpu") == "bfloat16"
+  assert loading.sampling_dtype("auto", "tpu") == "bfloat16"
+  assert loading.sampling_dtype("auto") == "float32"  # this suite runs on the CPU
+  assert loading.sampling_dtype("float32", "gpu") == "float32"
+  assert loading.sampling_dtype("bfloat16", "cpu") == "bfloat16"
+  from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UserError, match="got 'float16'"):
+    loading.sampling_dtype("float16")
+  args = generate._parser().parse_args(  # pylint: disable=protected-access
+      ["--checkpoint=c", "--output=o", "--num_samples=1"])
+  assert args.dtype == "auto"
