@@ -28,12 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
-from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from deepflow_jax.encoders import dinov2  # pylint: disable=wrong-import-position
-from deepflow_jax.sharding import data_mesh  # pylint: disable=wrong-import-position
-from bench_vae import time_calls  # scripts/: the same timing loop  # pylint: disable=wrong-import-position
+from bench_vae import data_shardings  # scripts/: the same helpers  # pylint: disable=wrong-import-position
+from bench_vae import time_calls  # pylint: disable=wrong-import-position
 
 
 def _parse(argv):
@@ -53,13 +52,7 @@ def main(argv=None):
   args = _parse(argv)
   size, grid = dinov2.repa_input_size(args.resolution)
   encoder = dinov2.variant(args.variant, pos_grid=grid, dtype=jnp.dtype(args.dtype))
-  devices = jax.devices()
-  n_dev = len(devices)
-  if args.batch % n_dev:
-    raise SystemExit(f"--batch={args.batch} is not a multiple of {n_dev} devices")
-  mesh = data_mesh(devices)
-  replicated = NamedSharding(mesh, P())
-  batch_sharded = NamedSharding(mesh, P("data"))
+  n_dev, replicated, batch_sharded = data_shardings(args.batch)
 
   init_x = jnp.zeros((1, size, size, 3), jnp.float32)
   params = jax.jit(encoder.init, out_shardings=replicated)(jax.random.PRNGKey(0), init_x)["params"]

@@ -41,6 +41,16 @@ def _parse(argv):
   return p.parse_args(argv)
 
 
+def data_shardings(batch: int):
+  """(device count, replicated, batch-sharded) on a data mesh over every device; the
+  global ``batch`` must split evenly. Also used by bench_dinov2.py."""
+  devices = jax.devices()
+  if batch % len(devices):
+    raise SystemExit(f"--batch={batch} is not a multiple of {len(devices)} devices")
+  mesh = data_mesh(devices)
+  return len(devices), NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
 def time_calls(fn, args, iters, warmup):
   """(seconds per call of ``fn(*args)`` over ``iters`` timed calls, compile + first call).
 
@@ -66,13 +76,7 @@ def main(argv=None):
     config = vae_lib.SD_VAE_CONFIG
   dtype = jnp.dtype(args.dtype)
   vae = vae_lib.AutoencoderKL.from_config(config, dtype=dtype, param_dtype=jnp.float32)
-  devices = jax.devices()
-  n_dev = len(devices)
-  if args.batch % n_dev:
-    raise SystemExit(f"--batch={args.batch} is not a multiple of {n_dev} devices")
-  mesh = data_mesh(devices)
-  replicated = NamedSharding(mesh, P())
-  batch_sharded = NamedSharding(mesh, P("data"))
+  n_dev, replicated, batch_sharded = data_shardings(args.batch)
 
   f = vae.downsample_factor
   init_x = jnp.zeros((1, 2 * f, 2 * f, vae.in_channels), jnp.float32)
@@ -92,7 +96,7 @@ def main(argv=None):
   decode = jax.jit(lambda p, v: vae.apply({"params": p}, v, method=vae.decode),
                    out_shardings=batch_sharded)
 
-  print(f"backend={jax.default_backend()} devices={n_dev} ({devices[0].device_kind}) "
+  print(f"backend={jax.default_backend()} devices={n_dev} ({jax.devices()[0].device_kind}) "
         f"params={n_params:,} batch={args.batch} resolution={r} dtype={args.dtype} "
         f"iters={args.iters} warmup={args.warmup}")
   results = {}
