@@ -49,6 +49,7 @@ import numpy as np
 from deepflow_jax import config_lib
 from deepflow_jax import sharding as shd
 from deepflow_jax import train as train_lib
+from deepflow_jax import train_loop
 from deepflow_jax.encoders import dinov2
 from deepflow_jax.models import loading
 
@@ -119,19 +120,6 @@ def step_memory_bytes(compiled) -> int:
   return int(max(total, getattr(m, "peak_memory_in_bytes", 0) or 0))
 
 
-def device_peak_bytes():
-  """The allocator's peak over the local devices (None where not reported, e.g. CPU)."""
-  peaks = []
-  for d in jax.local_devices():
-    try:
-      stats = d.memory_stats()
-    except Exception:  # pylint: disable=broad-except
-      stats = None
-    if stats and "peak_bytes_in_use" in stats:
-      peaks.append(int(stats["peak_bytes_in_use"]))
-  return max(peaks) if peaks else None
-
-
 def _batch_arrays(rng, model, latent: bool, n: int) -> dict:
   h, ch = model.input_size, model.in_channels
   if latent:
@@ -178,7 +166,7 @@ def find_max_batch(c, model, mesh, latent: bool, a) -> dict:
     try:
       _, dt = _time(_step_timer(trainer, gbatch), 1, 1)
       res.update(verified=True, verify_step_s=round(dt, 3),
-                 verify_peak_gb=round((device_peak_bytes() or 0) / 1e9, 2))
+                 verify_peak_gb=round((train_loop.peak_memory_bytes() or 0) / 1e9, 2))
       print(f"verified: 2 steps at per-device batch {best} ran ({dt:.2f} s/step, allocator "
             f"peak {res['verify_peak_gb']} GB)", flush=True)
     except Exception as e:  # pylint: disable=broad-except  # out of memory
@@ -272,7 +260,7 @@ def main():
   need = step_memory_bytes(compiled)
   timer = _step_timer(trainer, gbatch, compiled)
   warm, dt = _time(timer, a.warmup, a.steps)
-  device_peak = device_peak_bytes()
+  device_peak = train_loop.peak_memory_bytes()
   if a.profile_dir:  # after timing, so the trace does not slow the timed steps
     try:
       with jax.profiler.trace(a.profile_dir, create_perfetto_trace=True):
