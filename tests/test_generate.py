@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import cpu_env
 from deepflow_jax import generate
 from deepflow_jax import images as images_lib
 from deepflow_jax import sampling
@@ -45,13 +46,10 @@ _CACHE_DIR = None
 
 
 def _run(args, devices=1, check=True):
-  env = dict(os.environ)
+  env = cpu_env(devices)
   if _CACHE_DIR:
     env.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, "-m", "deepflow_jax.generate"] + list(args), cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=300)
   if check and proc.returncode != 0:

@@ -186,18 +186,16 @@ def test_config_errors_name_the_values(tmp_path):
   """
   from deepflow_jax import config_lib  # pylint: disable=g-import-not-at-top
   from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  tiny = {k[len("--config."):]: v for k, v in (a.split("=", 1) for a in TINY)}
+  tiny = {k[len("--config."):]: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in TINY)}
   cases = [
-      ({"model.df_idxs": "(1,5)", "loss.scale_weight": "(0.2,0.2,1.0)"},
+      ({"model.df_idxs": (1, 5), "loss.scale_weight": (0.2, 0.2, 1.0)},
        "split layer(s) [5] beyond the depth"),
-      ({"model.num_heads": "3"}, "model.hidden_size=32 is not divisible by model.num_heads=3"),
-      ({"loss.scale_weight": "(0.2,0.2,1.0)"}, "loss.scale_weight=(0.2, 0.2, 1.0) has 3 weights"),
-      ({"data.name": "'cifar'"}, "data.name='cifar'"),
+      ({"model.num_heads": 3}, "model.hidden_size=32 is not divisible by model.num_heads=3"),
+      ({"loss.scale_weight": (0.2, 0.2, 1.0)}, "loss.scale_weight=(0.2, 0.2, 1.0) has 3 weights"),
+      ({"data.name": "cifar"}, "data.name='cifar'"),
   ]
   for overrides, msg in cases:
-    values = {k: ast.literal_eval(v) if v[0] in "(0123456789'" else v
-              for k, v in {**tiny, **overrides}.items()}
-    config = config_lib.load_config(DIGITS, **values)
+    config = config_lib.load_config(DIGITS, **{**tiny, **overrides})
     with pytest.raises(UserError, match=re.escape(msg)):
       config_lib.validate(config)
   r = run_main(tmp_path / "bad", "--config.model.df_idxs=(1,5)",
