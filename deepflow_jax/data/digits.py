@@ -28,6 +28,10 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from deepflow_jax.data.common import DIGITS
+from deepflow_jax.data.common import DatasetInfo
+from deepflow_jax.data.common import index_array
+from deepflow_jax.data.common import unbatch
 from deepflow_jax.errors import UserError
 
 NUM_CLASSES = 10
@@ -142,3 +146,39 @@ def load_digits_train(image_size: int = NATIVE_SIZE, **kwargs) -> tuple[np.ndarr
 def load_digits_heldout(image_size: int = NATIVE_SIZE, **kwargs) -> tuple[np.ndarray, np.ndarray]:
   """``(heldout_images, heldout_labels)`` of :func:`load_digits_split`."""
   return load_digits_split(image_size, **kwargs)[1]
+
+
+class DigitsSource:
+  """In-memory digits split; ``src[i] -> {"image": (H, W, 1) float32, "label": int32}``."""
+
+  def __init__(self, image_size: int = 8, split: str = "train", *,
+               heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+               split_seed: int = DEFAULT_SPLIT_SEED, include_index: bool = False,
+               images: bool = False):
+    if images:
+      raise UserError("data.name='digits' is pixel data with no latents and raw images beside "
+                      "them; SSL alignment (model.ssl_align) needs a 'repa' or 'arrayrecord' "
+                      "latent dataset with images")
+    if split not in ("train", "heldout"):
+      raise UserError(f"digits split must be 'train' or 'heldout', got {split!r}")
+    train, heldout = load_digits_split(
+        image_size, heldout_fraction=heldout_fraction, seed=split_seed)
+    self.images, self.labels = train if split == "train" else heldout
+    self.include_index = include_index
+    h, w, c = self.images.shape[1:]
+    self.info = DatasetInfo(DIGITS, False, (h, w, c), c, NUM_CLASSES,
+                            len(self.labels), h)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def read_batch(self, indices) -> dict[str, np.ndarray]:
+    """``{"image": float32 (n, H, W, 1), "label": int32 (n,)[, "index": int32 (n,)]}``."""
+    idx = index_array(indices)
+    out = {"image": self.images[idx], "label": self.labels[idx].astype(np.int32)}
+    if self.include_index:
+      out["index"] = idx.astype(np.int32)
+    return out
+
+  def __getitem__(self, index) -> dict[str, np.ndarray]:
+    return unbatch(self.read_batch([int(index)]))

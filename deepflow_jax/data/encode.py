@@ -55,7 +55,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepflow_jax import outputs
-from deepflow_jax import vae as vae_lib
+from deepflow_jax.models import vae as vae_lib
 from deepflow_jax.data import image_sources
 from deepflow_jax.data import latent_writer
 from deepflow_jax.errors import UserError
@@ -114,9 +114,110 @@ def _ordered_parallel(fn: Callable, items: Iterable, workers: int, ahead: int) -
         f.cancel()
 
 
+class _ShardEncoder:
+  """The state of one :func:`encode_shards` run: shard writers, the batch being filled, the
+  batch on the devices, and the progress counters."""
+
+  def __init__(self, source, settings: dict, out: str, shards: Sequence[int], vae, params, *,
+               batch_size: int, log: Callable[[str], None], tag: str,
+               should_stop: Callable[[], bool] | None, log_every_s: float, devices):
+    self.source, self.settings, self.out = source, settings, out
+    self.encode, self.data_sharding, repl = _make_encoder(vae, devices)
+    self.params = jax.device_put(params, repl)
+    self.global_batch = batch_size * len(devices)
+    self.res = settings["resolution"]
+    self.items = [(s, i) for s in shards for i in range(*latent_writer.shard_range(s, settings))]
+    self.total_shards, self.should_stop = len(shards), should_stop
+    self.finished = 0  # shards published this run
+    self.skipped = 0  # unreadable images so far
+    self.uncounted_skips = 0  # skipped but not yet passed to the progress counter
+    self.status = f"0/{self.total_shards} shards this run"
+    self.progress = Progress(len(self.items), tag, "images", every_s=log_every_s,
+                             log=lambda line: log(f"{line} | skipped {self.skipped} | "
+                                                  f"{self.status}"))
+    self.writers: collections.OrderedDict[int, latent_writer.ShardWriter] = (
+        collections.OrderedDict())
+    self.batch: list[_Loaded] = []
+    self.inflight = None  # (mean, std, items) of the batch on the devices
+
+  def count(self, n: int, force: bool = False) -> None:
+    # Skips are counted with the next written batch, so that the first update the
+    # rate is measured from is a real batch (it includes compilation).
+    self.progress.update(n + self.uncounted_skips, force=force)
+    self.uncounted_skips = 0
+
+  def load(self, item) -> _Loaded:
+    s, i = item
+    try:
+      crop, label = self.source.load(i, self.res)
+      return _Loaded(s, i, crop, label, None)
+    except Exception as e:  # pylint: disable=broad-except  # any decode/crop failure
+      return _Loaded(s, i, None, None, f"{type(e).__name__}: {first_line(e)}")
+
+  def add(self, x: _Loaded) -> None:
+    """Takes one loaded image (or its failure); a full batch goes to the devices."""
+    if x.shard not in self.writers:
+      self.writers[x.shard] = latent_writer.ShardWriter(self.out, self.settings, x.shard)
+    if x.error is not None:
+      name = self.source.name(x.index)
+      print(f"warning: skipping unreadable image {name} (example {x.index}): {x.error}",
+            file=sys.stderr, flush=True)
+      self.writers[x.shard].skip(x.index, name, x.error)
+      self.skipped += 1
+      self.uncounted_skips += 1
+    else:
+      self.batch.append(x)
+    if len(self.batch) == self.global_batch:
+      self.dispatch()
+
+  def dispatch(self) -> None:
+    """Sends the batch in hand to the devices and writes the one that was there."""
+    arr = np.zeros((self.global_batch, self.res, self.res, 3), np.uint8)  # zero padding
+    for k, x in enumerate(self.batch):
+      arr[k] = x.crop
+    mean, std = self.encode(self.params, jax.device_put(arr, self.data_sharding))
+    flight, self.batch = (mean, std, self.batch), []
+    self.drain()
+    self.inflight = flight
+
+  def drain(self) -> None:
+    """Writes the batch on the devices (if any) into its shards."""
+    if self.inflight is None:
+      return
+    mean, std, loaded = self.inflight
+    self.inflight = None
+    mean, std = np.asarray(mean), np.asarray(std)
+    for k, x in enumerate(loaded):
+      self.writers[x.shard].write(x.index, x.label, mean[k], std[k], x.crop)
+    self.count(len(loaded))
+
+  def finish_ready(self) -> bool:
+    """Publishes complete shards; True when ``should_stop`` asks to stop after one."""
+    for s in [s for s, w in self.writers.items() if w.pending == 0]:
+      self.writers.pop(s).finish()
+      self.finished += 1
+      self.status = f"shard {s} done ({self.finished}/{self.total_shards} this run)"
+      self.count(0, force=True)
+      self.status = f"{self.finished}/{self.total_shards} shards this run"
+      if self.should_stop is not None and self.should_stop():
+        return True
+    return False
+
+  def flush(self) -> bool:
+    """Encodes and writes what is left; True when ``should_stop`` asked to stop."""
+    if self.batch:
+      self.dispatch()
+    self.drain()
+    return self.finish_ready() and self.finished < self.total_shards
+
+  def abandon(self) -> None:
+    for w in self.writers.values():  # only unfinished shards remain here
+      w.abandon()
+
+
 def encode_shards(source, settings: dict, out: str, shards: Sequence[int], vae, params, *,
                   batch_size: int, num_workers: int, log: Callable[[str], None] = _print,
-                  tag: str = "preprocess", stop_after_shards: int | None = None,
+                  tag: str = "preprocess", should_stop: Callable[[], bool] | None = None,
                   log_every_s: float = 10.0, devices=None) -> tuple[int, bool, int]:
   """Encodes and writes ``shards`` (in order); returns (shards finished, stopped early, status).
 
@@ -128,71 +229,16 @@ def encode_shards(source, settings: dict, out: str, shards: Sequence[int], vae, 
   and recorded in their shard's marker. Progress lines
   (:class:`deepflow_jax.progress.Progress`, plus the skipped count and the
   shards finished) go to ``log``, prefixed ``[tag]``, at most every
-  ``log_every_s`` seconds and after every shard. ``stop_after_shards`` stops
-  after that many shards (used to test resumption).
+  ``log_every_s`` seconds and after every shard. ``should_stop()`` is asked
+  after every finished shard; True stops there (as a signal would, status 0).
   """
   devices = tuple(devices if devices is not None else jax.local_devices())
-  encode, data_sharding, repl = _make_encoder(vae, devices)
-  params = jax.device_put(params, repl)
-  global_batch = batch_size * len(devices)
-  res = settings["resolution"]
-  items = [(s, i) for s in shards for i in range(*latent_writer.shard_range(s, settings))]
-  total_shards = len(shards)
-  finished = 0
-  skipped = 0  # unreadable images so far
-  uncounted_skips = 0  # skipped but not yet passed to the progress counter
-  status = f"0/{total_shards} shards this run"
-  progress = Progress(len(items), tag, "images", every_s=log_every_s,
-                      log=lambda line: log(f"{line} | skipped {skipped} | {status}"))
-
-  def count(n: int, force: bool = False) -> None:
-    # Skips are counted with the next written batch, so that the first update the
-    # rate is measured from is a real batch (it includes compilation).
-    nonlocal uncounted_skips
-    progress.update(n + uncounted_skips, force=force)
-    uncounted_skips = 0
-
-  def load(item):
-    s, i = item
-    try:
-      crop, label = source.load(i, res)
-      return _Loaded(s, i, crop, label, None)
-    except Exception as e:  # pylint: disable=broad-except  # any decode/crop failure
-      return _Loaded(s, i, None, None, f"{type(e).__name__}: {first_line(e)}")
-
-  writers: collections.OrderedDict[int, latent_writer.ShardWriter] = collections.OrderedDict()
-  batch: list[_Loaded] = []
-  inflight = None  # (mean, std, items) of the batch on the devices
-
-  def dispatch(loaded):
-    arr = np.zeros((global_batch, res, res, 3), np.uint8)  # zero padding past len(loaded)
-    for k, x in enumerate(loaded):
-      arr[k] = x.crop
-    mean, std = encode(params, jax.device_put(arr, data_sharding))
-    return mean, std, loaded
-
-  def drain(flight):
-    mean, std, loaded = flight
-    mean, std = np.asarray(mean), np.asarray(std)
-    for k, x in enumerate(loaded):
-      writers[x.shard].write(x.index, x.label, mean[k], std[k], x.crop)
-    count(len(loaded))
-
-  def finish_ready() -> bool:
-    """Publishes complete shards; True when ``stop_after_shards`` is reached."""
-    nonlocal finished, status
-    for s in [s for s, w in writers.items() if w.pending == 0]:
-      writers.pop(s).finish()
-      finished += 1
-      status = f"shard {s} done ({finished}/{total_shards} this run)"
-      count(0, force=True)
-      status = f"{finished}/{total_shards} shards this run"
-      if stop_after_shards is not None and finished >= stop_after_shards:
-        return True
-    return False
-
+  run = _ShardEncoder(source, settings, out, shards, vae, params, batch_size=batch_size,
+                      log=log, tag=tag, should_stop=should_stop, log_every_s=log_every_s,
+                      devices=devices)
   stopped = False
-  loader = _ordered_parallel(load, items, num_workers, ahead=max(2 * global_batch, 8))
+  loader = _ordered_parallel(run.load, run.items, num_workers,
+                             ahead=max(2 * run.global_batch, 8))
   signals = StopRequests(sigterm=jax.process_count() == 1)
   try:
     signals.__enter__()
@@ -200,48 +246,23 @@ def encode_shards(source, settings: dict, out: str, shards: Sequence[int], vae, 
       if signals.requested:  # the shards in hand are abandoned; finished ones are kept
         stopped = True
         break
-      if x.shard not in writers:
-        writers[x.shard] = latent_writer.ShardWriter(out, settings, x.shard)
-      if x.error is not None:
-        name = source.name(x.index)
-        print(f"warning: skipping unreadable image {name} (example {x.index}): {x.error}",
-              file=sys.stderr, flush=True)
-        writers[x.shard].skip(x.index, name, x.error)
-        skipped += 1
-        uncounted_skips += 1
-      else:
-        batch.append(x)
-      if len(batch) == global_batch:
-        flight = dispatch(batch)
-        batch = []
-        if inflight is not None:
-          drain(inflight)
-        inflight = flight
-      if finish_ready() and finished < total_shards:
+      run.add(x)
+      if run.finish_ready() and run.finished < run.total_shards:
         stopped = True
         break
     if not stopped:
-      if batch:
-        flight = dispatch(batch)
-        if inflight is not None:
-          drain(inflight)
-        inflight = flight
-      if inflight is not None:
-        drain(inflight)
-        inflight = None
-      stopped = finish_ready() and finished < total_shards
+      stopped = run.flush()
   finally:
     signals.__exit__()
     loader.close()  # stops the decoding threads
-    for w in writers.values():  # only unfinished shards remain here
-      w.abandon()
+    run.abandon()
   if signals.requested:
-    log(signals.message(tag, f"stopped after {finished} shard(s) this run; finished shards are "
-                        "kept, rerun the same command to resume"))
-    return finished, True, signals.exit_status
+    log(signals.message(tag, f"stopped after {run.finished} shard(s) this run; finished shards "
+                        "are kept, rerun the same command to resume"))
+    return run.finished, True, signals.exit_status
   if stopped:
-    log(f"[{tag}] stopping after {finished} shard(s) (stop_after_shards)")
-  return finished, stopped, 0
+    log(f"[{tag}] stopping after {run.finished} shard(s) (asked to); finished shards are kept")
+  return run.finished, stopped, 0
 
 
 @dataclasses.dataclass
@@ -251,7 +272,7 @@ class EncodeResult:
   Attributes:
     output: the output folder (absolute).
     shards_written: shards this process finished in this run.
-    stopped: True when it stopped early (``stop_after_shards``, or a signal).
+    stopped: True when it stopped early (``should_stop``, or a signal).
     exit_status: 143 / 130 when SIGTERM / SIGINT stopped it, else 0.
     missing: shards not done yet (other processes' shards of independent
       launches); empty when the final files were written.
@@ -274,7 +295,8 @@ def encode_dataset(source: str, vae: str, output: str, *, split: str = "train",
                    examples_per_shard: int = 5000, limit: int | None = None,
                    num_workers: int | None = None, precision: str = "highest",
                    tfds_data_dir: str | None = None, process_index: int | None = None,
-                   process_count: int | None = None, stop_after_shards: int | None = None,
+                   process_count: int | None = None,
+                   should_stop: Callable[[], bool] | None = None,
                    log_every_s: float = 10.0,
                    log: Callable[[str], None] = _print) -> EncodeResult:
   """Encodes the images of ``source`` to VAE latent moments in ``output`` (see the module doc).
@@ -301,7 +323,8 @@ def encode_dataset(source: str, vae: str, output: str, *, split: str = "train",
     process_index, process_count: this launch among independent launches
       sharing ``output`` (both or neither; default: JAX's, coordinated with
       barriers when JAX has several processes).
-    stop_after_shards: stop after this many shards (tests of resumption).
+    should_stop: asked after every finished shard; True stops there, the finished
+      shards kept (as SIGTERM / SIGINT do, with status 0).
     log_every_s: seconds between progress lines.
     log: where lines go (print by default).
 
@@ -340,7 +363,7 @@ def encode_dataset(source: str, vae: str, output: str, *, split: str = "train",
   if save_images and format == latent_writer.ARRAYRECORD:
     # Earlier versions wrote PNGs for this format: such a folder is not resumed.
     settings["images_in_records"] = True
-  info = {"vae": os.path.abspath(vae), "scaling_factor": float(vae_model.scaling_factor),
+  info = {"vae": os.path.abspath(vae), "scaling_factor": float(vae_model.latent_scale),
           "class_names": src.class_names, "source": src.describe()}
   if coordinated and pidx != 0:
     multihost_utils.sync_global_devices("preprocess-settings")  # process 0 writes them first
@@ -365,7 +388,7 @@ def encode_dataset(source: str, vae: str, output: str, *, split: str = "train",
       f"{num_workers} decoding threads")
   written, stopped, status = encode_shards(
       src, settings, out, mine, vae_model, params, batch_size=batch_size,
-      num_workers=num_workers, log=log, tag=tag, stop_after_shards=stop_after_shards,
+      num_workers=num_workers, log=log, tag=tag, should_stop=should_stop,
       log_every_s=log_every_s, devices=devices)
   if stopped:
     done = latent_writer.done_shards(out, settings)

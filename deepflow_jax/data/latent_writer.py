@@ -57,9 +57,10 @@ from array_record.python import array_record_module
 
 from deepflow_jax import outputs
 from deepflow_jax.data import records
-from deepflow_jax.data.pipeline import REPA_FEATURE_DIR
-from deepflow_jax.data.pipeline import REPA_LABEL_FILE
+from deepflow_jax.data.repa import REPA_FEATURE_DIR
+from deepflow_jax.data.repa import REPA_LABEL_FILE
 from deepflow_jax.errors import UserError
+from deepflow_jax.models.vae import LATENT_SCALE
 
 FORMAT_VERSION = "deepflow-jax/preprocess/v1"
 ARRAYRECORD, REPA = "arrayrecord", "repa"
@@ -270,7 +271,7 @@ def finalize(out: str, doc: dict, *, log: Callable[[str], None] = _print,
   if not examples:
     raise UserError(f"{out}: every one of the {len(skipped)} images was unreadable; "
                     "nothing to write")
-  scaling_factor = info.get("scaling_factor", 0.18215)
+  latent_scale = info.get("scaling_factor", LATENT_SCALE)
   # image side / latent side: the encoding VAE's downsampling factor
   vae_downsampling = settings["resolution"] // settings["latent_shape"][0]
   if settings["format"] == ARRAYRECORD:
@@ -279,7 +280,7 @@ def finalize(out: str, doc: dict, *, log: Callable[[str], None] = _print,
     records.write_metadata(
         out, num_examples=len(examples), shards=names, latent_shape=settings["latent_shape"],
         num_classes=settings["num_classes"], resolution=settings["resolution"],
-        vae=info.get("vae", ""), scaling_factor=scaling_factor,
+        vae=info.get("vae", ""), latent_scale=latent_scale,
         image_shape=([settings["resolution"]] * 2 + [3]) if settings["save_images"] else None,
         extra={
             "split": settings["split"], "source": settings["source"],
@@ -291,7 +292,7 @@ def finalize(out: str, doc: dict, *, log: Callable[[str], None] = _print,
         })
   else:
     labels = {"labels": [[repa_feature_name(i), l] for i, l in examples],
-              "scaling_factor": scaling_factor, "vae_downsampling": vae_downsampling}
+              "scaling_factor": latent_scale, "vae_downsampling": vae_downsampling}
     outputs.atomic_write_json(os.path.join(out, FEATURE_DIR, LABEL_FILE), labels)
   if settings["save_images"] and settings["format"] == REPA:
     labels = {"labels": [[repa_image_name(i), l] for i, l in examples]}

@@ -42,14 +42,14 @@ from array_record.python import array_record_module
 from flax import serialization
 
 from deepflow_jax.errors import UserError
+from deepflow_jax.models.vae import DOWNSAMPLING
+from deepflow_jax.models.vae import LATENT_SCALE
 
 SCHEMA = "deepflow-jax/latents/v1"
 METADATA_FILE = "metadata.json"
 RECORD_KEYS = ("mean", "std", "label", "index")
 IMAGE_KEY = "image"  # optional: uint8 (H, W, 3) crop
 # The SD-VAE's values (sd-vae-ft-ema / ft-mse), recorded when a writer does not say.
-SD_VAE_SCALING_FACTOR = 0.18215
-SD_VAE_DOWNSAMPLING = 8
 
 
 def shard_name(split: str, shard: int, num_shards: int) -> str:
@@ -215,8 +215,8 @@ def write_latent_dataset(
     num_shards: int = 1,
     resolution: int = 0,
     vae: str = "",
-    scaling_factor: float = SD_VAE_SCALING_FACTOR,
-    vae_downsampling: int = SD_VAE_DOWNSAMPLING,
+    latent_scale: float = LATENT_SCALE,
+    vae_downsampling: int = DOWNSAMPLING,
     extra_metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Writes a latent dataset in this schema; returns the metadata written.
@@ -276,15 +276,15 @@ def write_latent_dataset(
     raise UserError(f"{directory}: got {count} examples, num_examples={num_examples}")
   return write_metadata(directory, num_examples=num_examples, shards=names,
                         latent_shape=latent_shape, num_classes=num_classes,
-                        resolution=resolution, vae=vae, scaling_factor=scaling_factor,
+                        resolution=resolution, vae=vae, latent_scale=latent_scale,
                         vae_downsampling=vae_downsampling, image_shape=image_shape,
                         extra=extra_metadata)
 
 
 def write_metadata(directory, *, num_examples: int, shards, latent_shape, num_classes: int,
                    resolution: int = 0, vae: str = "",
-                   scaling_factor: float = SD_VAE_SCALING_FACTOR,
-                   vae_downsampling: int = SD_VAE_DOWNSAMPLING,
+                   latent_scale: float = LATENT_SCALE,
+                   vae_downsampling: int = DOWNSAMPLING,
                    image_shape=None,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes ``metadata.json`` (last, through a temporary file and a rename); returns it.
@@ -297,7 +297,7 @@ def write_metadata(directory, *, num_examples: int, shards, latent_shape, num_cl
   metadata = {
       "schema": SCHEMA, "num_examples": int(num_examples), "shards": list(shards),
       "latent_shape": [int(d) for d in latent_shape], "num_classes": int(num_classes),
-      "resolution": int(resolution), "vae": str(vae), "scaling_factor": float(scaling_factor),
+      "resolution": int(resolution), "vae": str(vae), "scaling_factor": float(latent_scale),
       "vae_downsampling": int(vae_downsampling),
   }
   if image_shape is not None:

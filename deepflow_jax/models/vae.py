@@ -14,8 +14,8 @@ Public arrays are NHWC:
   ``std = exp(0.5 * clip(logvar, -30, 20))``.
 * ``vae.apply({'params': p}, z, method=vae.decode)``: the VAE's own (unscaled)
   latents -> images ``(N, H, W, 3)``. Diffusion latents are divided by
-  ``SCALING_FACTOR`` (0.18215) by the caller first; ``encode``/``decode`` never
-  apply the scaling factor (neither does diffusers).
+  ``LATENT_SCALE`` (0.18215; diffusers' ``scaling_factor``) by the caller first;
+  ``encode``/``decode`` never apply it (neither does diffusers).
 * ``deepflow_jax.images.to_uint8(images)``: the reference's decode formula to uint8.
 
 Parameter names (diffusers key -> Flax path) are a mechanical rename:
@@ -72,8 +72,11 @@ from deepflow_jax.torch_io import tree_from_state_dict
 
 Dtype = Any
 
-SCALING_FACTOR = 0.18215
-"""Diffusion latents = VAE latents * SCALING_FACTOR (sd-vae-ft-ema / ft-mse)."""
+LATENT_SCALE = 0.18215
+"""Diffusion latents = VAE latents * LATENT_SCALE (sd-vae-ft-ema / ft-mse; diffusers' config
+calls it ``scaling_factor``). The one place this number is written."""
+DOWNSAMPLING = 8
+"""Image side / latent side of the SD-VAE."""
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 GROUPNORM_EPS = 1e-6
@@ -92,7 +95,7 @@ SD_VAE_CONFIG: dict[str, Any] = {
     "norm_num_groups": 32,
     "act_fn": "silu",
     "sample_size": 256,
-    "scaling_factor": SCALING_FACTOR,
+    "scaling_factor": LATENT_SCALE,
 }
 
 CONFIG_NAME = "config.json"
@@ -378,7 +381,7 @@ class AutoencoderKL(nn.Module):
   mid_block_add_attention: bool = True
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
-  scaling_factor: float = SCALING_FACTOR
+  latent_scale: float = LATENT_SCALE  # diffusers' config key: scaling_factor
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
@@ -436,7 +439,7 @@ class AutoencoderKL(nn.Module):
         mid_block_add_attention=bool(cfg.get("mid_block_add_attention", True)),
         use_quant_conv=bool(cfg.get("use_quant_conv", True)),
         use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
-        scaling_factor=float(cfg.get("scaling_factor") or SCALING_FACTOR),
+        latent_scale=float(cfg.get("scaling_factor") or LATENT_SCALE),
         dtype=dtype,
         param_dtype=dtype if param_dtype is None else param_dtype,
         precision=precision,

@@ -1,1 +1,0 @@
-"""Old home of the digits evaluation; it now lives in :mod:`deepflow_jax.evaluation.digits`."""
