@@ -26,10 +26,12 @@ Exit status 0 on success, 2 on bad input (one ``error:`` line naming the file),
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
 
+from deepflow_jax import outputs
 from deepflow_jax.errors import ArgumentParser, UserError, cli_main
 from deepflow_jax.evaluation import metrics
 from deepflow_jax.evaluation import suite
@@ -63,9 +65,12 @@ def _log(msg: str) -> None:
 @cli_main
 def main(argv=None):
   a = _parser().parse_args(argv)
-  suite.check_output_path(a.output)
+  outputs.check_file_path(a.output, "--output")
   if a.batch_size is not None and a.batch_size < 1:
     raise UserError(f"--batch_size must be >= 1, got {a.batch_size}")
+  if not os.path.isfile(a.inception):
+    raise UserError(f"--inception={a.inception}: no such file (expected pytorch-fid's "
+                    f"{suite.INCEPTION_FILES[0]} or the TF graph {suite.INCEPTION_FILES[1]})")
   with StopRequests(raise_now=True, what="evaluation stopped, no metrics written (a finished "
                     "reference feature cache is kept)"):
     res = suite.evaluate_files(a.samples, a.reference, a.inception,

@@ -293,21 +293,22 @@ def evaluate_generated(images, labels, heldout_images, *, model: DigitsClassifie
   return out
 
 
-def sample_and_evaluate(model, params, *, num_samples: int = 1000, seed: int = 0,
-                        per_device_batch: int = 250, cache_path: str | os.PathLike | None = None,
-                        mesh=None, **sample_kwargs) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def sample_and_evaluate(model, params, settings: sampling.SamplerSettings, *,
+                        num_samples: int = 1000, seed: int = 0, per_device_batch: int = 250,
+                        cache_path: str | os.PathLike | None = None, mesh=None,
+                        should_stop=None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
   """Generates ``num_samples`` digits (labels cycling over the classes) and scores them.
 
-  Samples come from ``deepflow_jax.sampling.sample_many`` (data-parallel;
-  ``sample_kwargs`` are its sampler settings: ``sampler``, ``num_steps``,
-  ``cfg_scale``, ...). Returns ``(metrics, images, labels)`` with the metrics of
-  :func:`evaluate_generated` plus ``sampling_seconds``, and the generated images
-  (N, S, S, 1) clipped to [-1, 1].
+  Samples come from ``deepflow_jax.sampling.sample_many`` with ``settings``
+  (data-parallel; ``should_stop`` as there). Returns ``(metrics, images,
+  labels)`` with the metrics of :func:`evaluate_generated` plus
+  ``sampling_seconds``, and the generated images (N, S, S, 1) clipped to [-1, 1].
   """
   labels = np.arange(int(num_samples)) % model.num_classes
   t0 = time.perf_counter()
-  x = sampling.sample_many(model, params, labels, seed=seed, per_device_batch=per_device_batch,
-                           mesh=mesh, progress="eval: sampling", **sample_kwargs)
+  x = sampling.sample_many(model, params, labels, settings, seed=seed,
+                           per_device_batch=per_device_batch, mesh=mesh,
+                           progress="eval: sampling", should_stop=should_stop)
   seconds = time.perf_counter() - t0
   (_, _), (heldout_x, heldout_y) = digits_lib.load_digits_split(model.input_size)
   images = np.clip(x, -1, 1)

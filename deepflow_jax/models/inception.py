@@ -8,7 +8,7 @@ with the FID patches: the average pools of the A, C and first E blocks ignore
 the zero padding, and the last E block's pool branch is a *max* pool),
 evaluation-mode batch norm (eps 1e-3), loaded from pytorch-fid's weight file
 ``pt_inception-2015-12-05-6726825d.pth`` or from the TF graph itself
-(:mod:`deepflow_jax.evaluation.tf_graph`).
+(:mod:`deepflow_jax.models.inception_tf`).
 
 ``FIDInception().apply({"params": params}, images)`` takes NHWC images of any
 size, ``uint8`` or float in ``[0, 255]``, 3 channels, and returns a dict of
@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepflow_jax.errors import UserError
-from deepflow_jax.evaluation import tf_graph
+from deepflow_jax.models import inception_tf
 from deepflow_jax.sharding import data_mesh
 from deepflow_jax.torch_io import ConversionError
 from deepflow_jax.torch_io import check_state_dict
@@ -505,7 +505,7 @@ def load_fid_inception(path: str, *, preprocessing: str = "adm", dtype=jnp.float
     raise UserError(f"preprocessing={preprocessing!r}: expected one of {PREPROCESSINGS}")
   path = os.fspath(path)
   if path.endswith(".pb"):
-    state_dict = tf_graph.fid_inception_state_dict(path)
+    state_dict = inception_tf.fid_inception_state_dict(path)
   elif path.endswith((".pth", ".pt", ".bin", ".safetensors")):
     obj = load_weights_file(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

@@ -5,7 +5,7 @@ The ADM evaluation suite downloads ``classify_image_graph_def.pb`` (from the
 of a serialized ``GraphDef``; this module parses the file with the GraphDef
 protobuf classes that tensorboardX ships (same field numbers as TensorFlow's), so
 neither TensorFlow nor any extra package is needed, and returns the weights in
-pytorch-fid's state_dict layout for :func:`deepflow_jax.evaluation.inception.
+pytorch-fid's state_dict layout for :func:`deepflow_jax.models.inception.
 params_from_state_dict`.
 
 Node names, per conv scope ``S`` (e.g. ``mixed_6/conv``):
