@@ -16,7 +16,7 @@ import ml_collections
 
 import deepflow_jax.configs as configs_pkg
 from deepflow_jax import sampling
-
+from deepflow_jax.data import config as data_config
 from deepflow_jax.errors import UserError
 from deepflow_jax.models.deepflow import DTYPES
 from deepflow_jax.models.deepflow import architecture_problems
@@ -27,6 +27,11 @@ _DTYPES = {k: v for k, v in DTYPES.items() if k != "float64"}
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every key a training config has, with its default and what it means.
+
+  One listing on purpose (longer than the project's other functions): it is the
+  config's reference, read top to bottom.
+  """
   c = ml_collections.ConfigDict()
 
   # Network. Config files fill width/depth/heads/patch/df_idxs from a named
@@ -89,34 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_ckpts = 3
   c.train.sample_every = 50_000  # PNG grid of EMA samples; 0 = only at the end
   c.train.init_from = ""  # fine-tune from: a converted checkpoint dir, or a workdir (its EMA)
-  c.train.debug_sigkill_at_step = -1  # testing aid: SIGKILL itself after this step
   # JAX's persistent compilation cache, so that a restarted job skips compiling:
   # "" = WORKDIR/.jax_cache, "none" = off, else a directory (may be shared by runs).
   # JAX_COMPILATION_CACHE_DIR in the environment takes precedence.
   c.train.compile_cache_dir = ""
 
-  # The input pipeline's own keys (deepflow_jax.data.pipeline, whose
-  # default_config() is this block with name unset); None = placeholder, typed
-  # so that command-line overrides type-check.
-  placeholder = ml_collections.config_dict.placeholder
-  c.data = ml_collections.ConfigDict()
+  # The input pipeline's own keys: its schema (deepflow_jax.data.config) is this block.
+  c.data = data_config.default_config()
   c.data.name = "repa"  # "digits" | "repa" | "arrayrecord"
-  c.data.path = ""  # dataset root (repa, arrayrecord)
-  c.data.image_size = 8  # digits only: side length (8 = native)
-  c.data.split = "train"  # digits only: "train" | "heldout"
-  c.data.heldout_fraction = 0.2  # digits only
-  c.data.split_seed = 0  # digits only
-  c.data.num_classes = placeholder(int)  # None: the dataset's (metadata / max label + 1)
-  c.data.latent_shape = placeholder(tuple)  # (h, w, c); None: the dataset's
-  c.data.missing_labels = "error"  # repa with "labels": null: "error" | "zero"
-  c.data.latent_scale = placeholder(float)  # None: the dataset's record, else 0.18215
-  c.data.vae_downsampling = placeholder(int)  # None: the dataset's record, else 8
-  c.data.shuffle = True
-  c.data.num_epochs = placeholder(int)  # None: repeat forever
-  c.data.include_index = False  # batches also hold each example's source index
-  c.data.num_workers = placeholder(int)  # None: pipeline.default_parallelism (cores, source)
-  c.data.num_threads = placeholder(int)  # reading threads per process/worker; None: same
-  c.data.prefetch_batches = placeholder(int)  # batches read ahead; None: 2 x readers
 
   c.mesh = ml_collections.ConfigDict()
   # Mesh axes in order; -1 takes the remaining devices.
@@ -267,8 +252,112 @@ def set_preset(config, name: str) -> ml_collections.ConfigDict:
   return config
 
 
+_CHOICES = (("model.dtype", ("auto",) + tuple(_DTYPES)), ("model.param_dtype", tuple(_DTYPES)),
+            ("model.attention_impl", ("", "xla", "cudnn")),
+            ("model.remat", ("none", "block", "dots")),
+            ("loss.weighting", ("lognormal", "uniform")), ("loss.path_type", ("linear", "cosine")),
+            ("optim.schedule", ("constant", "cosine")),
+            ("distributed.initialize", ("auto", "always", "never")))
+_MINIMA = (("train.num_steps", 0), ("train.log_every", 1), ("train.ckpt_every", 1),
+           ("train.keep_ckpts", 1), ("train.sample_every", 0), ("optim.warmup_steps", 0),
+           ("sample.grid_per_class", 1), ("sample.grid_classes", 0), ("eval.num_samples", 0),
+           ("eval.batch_size", 1), ("eval.fid_every", 0), ("eval.fid_num_samples", 4))
+_NON_NEGATIVE = ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "loss.beta",
+                 "loss.acc_coeff", "loss.proj_coeff")
+
+
+def _value(config, key: str):
+  sec, name = key.split(".")
+  return config[sec][name]
+
+
+def _value_problems(config) -> list[str]:
+  """Names outside their choices, numbers below their minimum, NaN or negative weights."""
+  out = [f"{k}={_value(config, k)!r} is not one of {allowed}" for k, allowed in _CHOICES
+         if _value(config, k) not in allowed]
+  out += [f"{k}={_value(config, k)} must be >= {lo}" for k, lo in _MINIMA
+          if _value(config, k) < lo]
+  out += [f"{k}={_value(config, k)} must be >= 0" for k in _NON_NEGATIVE
+          if not _value(config, k) >= 0]  # also refuses NaN
+  return out
+
+
+def _train_problems(config) -> list[str]:
+  t, o, out = config.train, config.optim, []
+  if t.global_batch_size <= 0 or t.global_batch_size % max(t.grad_accum_steps, 1):
+    out.append(f"train.global_batch_size={t.global_batch_size} must be a positive multiple "
+               f"of train.grad_accum_steps={t.grad_accum_steps}")
+  if t.grad_accum_steps < 1:
+    out.append(f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1")
+  if not 0 <= t.ema_decay < 1:
+    out.append(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+  if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1 and o.eps > 0):
+    out.append(f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1) and optim.eps={o.eps} > 0")
+  cache = t.compile_cache_dir
+  if cache not in ("", "none") and os.path.exists(cache) and not os.path.isdir(cache):
+    out.append(f"train.compile_cache_dir={cache!r} exists and is not a directory (use a "
+               "directory, \"\" for WORKDIR/.jax_cache or \"none\" to turn the cache off)")
+  if config.mesh.data == 0 or config.mesh.fsdp == 0:
+    out.append("mesh.data and mesh.fsdp must be positive or -1")
+  return out
+
+
+def _data_problems(config) -> list[str]:
+  """The data config's own checks (``data.config.check``) and how it fits the model."""
+  m, d, out = config.model, config.data, []
+  try:
+    data_config.check(d)
+  except UserError as e:
+    out.append(str(e))
+  if d.name == "digits":
+    if m.in_channels != 1:
+      out.append(f"data.name='digits' is 1-channel pixel data; model.in_channels={m.in_channels}")
+    if m.input_size != d.image_size:
+      out.append(f"model.input_size={m.input_size} differs from data.image_size={d.image_size}")
+  return out
+
+
+def _eval_problems(config) -> list[str]:
+  e, out = config.eval, []
+  if e.fid_every > 0:
+    for key in ("reference", "inception"):
+      if not e[key]:
+        out.append(f"eval.fid_every={e.fid_every} needs eval.{key}")
+      elif not os.path.isfile(e[key]):
+        out.append(f"eval.{key}={e[key]!r}: no such file")
+    if config.model.in_channels not in (1, 3) and not config.sample.vae:
+      out.append("eval.fid_every > 0 on a latent model needs sample.vae to decode samples")
+  return out
+
+
+def _alignment_problems(config, idxs: list[int]) -> list[str]:
+  m, out = config.model, []
+  if not m.ssl_align:
+    return out
+  if not idxs:
+    out.append("model.ssl_align=True aligns each split's tokens, but model.df_idxs=() has no "
+               "splits")
+  if config.data.name == "digits":
+    out.append("model.ssl_align=True needs latent data with raw images (data.name 'repa' or "
+               "'arrayrecord'), not 'digits'")
+  if not m.encoder_path:
+    out.append("model.ssl_align=True needs model.encoder_path: the DINOv2 weights file (e.g. "
+               "dinov2_vitb14_pretrain.pth)")
+  elif not os.path.isfile(m.encoder_path):
+    out.append(f"model.encoder_path={m.encoder_path!r}: no such file")
+  if m.encoder_num_heads < 0:
+    out.append(f"model.encoder_num_heads={m.encoder_num_heads} must be >= 0 (0: by width)")
+  return out
+
+
 def validate(config) -> None:
-  """Refuses unknown or inconsistent values, naming them."""
+  """Refuses unknown or inconsistent values, naming each, before anything is built.
+
+  Runs the sampler's own check (``sampling.SamplerSettings.problems``, which
+  names the nearest valid sampler or grid) and the data config's
+  (``data.config.check``), so the command line and the library refuse the same
+  mistakes with the same words.
+  """
   _known(config, base_config())
   m = config.model
   try:
@@ -282,89 +371,13 @@ def validate(config) -> None:
   if len(weights) != len(idxs) + 1:
     problems.append(f"loss.scale_weight={tuple(weights)} has {len(weights)} weights but "
                     f"model.df_idxs={idxs} makes {len(idxs) + 1} branches")
-  for key, allowed in (("model.dtype", ("auto",) + tuple(_DTYPES)),
-                       ("model.param_dtype", tuple(_DTYPES)),
-                       ("model.attention_impl", ("", "xla", "cudnn")),
-                       ("model.remat", ("none", "block", "dots")),
-                       ("loss.weighting", ("lognormal", "uniform")),
-                       ("loss.path_type", ("linear", "cosine")),
-                       ("optim.schedule", ("constant", "cosine")),
-                       ("distributed.initialize", ("auto", "always", "never")),
-                       ("data.name", ("digits", "repa", "arrayrecord")),
-                       ("sample.sampler", sampling.SAMPLERS)):
-    sec, name = key.split(".")
-    if config[sec][name] not in allowed:
-      problems.append(f"{key}={config[sec][name]!r} is not one of {allowed}")
-  t = config.train
-  if t.global_batch_size <= 0 or t.global_batch_size % max(t.grad_accum_steps, 1):
-    problems.append(f"train.global_batch_size={t.global_batch_size} must be a positive multiple "
-                    f"of train.grad_accum_steps={t.grad_accum_steps}")
-  if t.grad_accum_steps < 1:
-    problems.append(f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1")
-  if not 0 <= t.ema_decay < 1:
-    problems.append(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
-  for key, lo in (("train.num_steps", 0), ("train.log_every", 1), ("train.ckpt_every", 1),
-                  ("train.keep_ckpts", 1), ("train.sample_every", 0), ("optim.warmup_steps", 0),
-                  ("sample.grid_per_class", 1), ("sample.grid_classes", 0),
-                  ("eval.num_samples", 0), ("eval.batch_size", 1), ("eval.fid_every", 0),
-                  ("eval.fid_num_samples", 4)):
-    sec, name = key.split(".")
-    if config[sec][name] < lo:
-      problems.append(f"{key}={config[sec][name]} must be >= {lo}")
-  for key in ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "loss.beta",
-              "loss.acc_coeff", "loss.proj_coeff"):
-    sec, name = key.split(".")
-    if not config[sec][name] >= 0:  # also refuses NaN
-      problems.append(f"{key}={config[sec][name]} must be >= 0")
-  o = config.optim
-  if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1 and o.eps > 0):
-    problems.append(f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1) and optim.eps={o.eps} "
-                    "> 0")
   if any(not w >= 0 for w in weights):
     problems.append(f"loss.scale_weight={tuple(weights)} must be non-negative")
-  s = config.sample
-  if s.sampler in sampling.SAMPLERS:
-    problems += sampling.step_problems(s.sampler, s.num_steps, flag="sample.num_steps")
-  problems += sampling.guidance_problems(s.cfg_scale, s.guidance_low, s.guidance_high,
-                                         prefix="sample.")
-  e = config.eval
-  if e.fid_every > 0:
-    for key in ("reference", "inception"):
-      if not e[key]:
-        problems.append(f"eval.fid_every={e.fid_every} needs eval.{key}")
-      elif not os.path.isfile(e[key]):
-        problems.append(f"eval.{key}={e[key]!r}: no such file")
-    if m.in_channels not in (1, 3) and not config.sample.vae:
-      problems.append("eval.fid_every > 0 on a latent model needs sample.vae to decode samples")
-  cache = t.compile_cache_dir
-  if cache not in ("", "none") and os.path.exists(cache) and not os.path.isdir(cache):
-    problems.append(f"train.compile_cache_dir={cache!r} exists and is not a directory (use a "
-                    "directory, \"\" for WORKDIR/.jax_cache or \"none\" to turn the cache off)")
-  if config.data.name in ("repa", "arrayrecord") and not config.data.path:
-    problems.append(f"data.path is required for data.name={config.data.name!r}")
-  if config.data.name == "digits":
-    if m.in_channels != 1:
-      problems.append(f"data.name='digits' is 1-channel pixel data; model.in_channels="
-                      f"{m.in_channels}")
-    if m.input_size != config.data.image_size:
-      problems.append(f"model.input_size={m.input_size} differs from data.image_size="
-                      f"{config.data.image_size}")
-  if m.ssl_align:
-    if not idxs:
-      problems.append("model.ssl_align=True aligns each split's tokens, but model.df_idxs=() "
-                      "has no splits")
-    if config.data.name == "digits":
-      problems.append("model.ssl_align=True needs latent data with raw images (data.name 'repa' "
-                      "or 'arrayrecord'), not 'digits'")
-    if not m.encoder_path:
-      problems.append("model.ssl_align=True needs model.encoder_path: the DINOv2 weights file "
-                      "(e.g. dinov2_vitb14_pretrain.pth)")
-    elif not os.path.isfile(m.encoder_path):
-      problems.append(f"model.encoder_path={m.encoder_path!r}: no such file")
-    if m.encoder_num_heads < 0:
-      problems.append(f"model.encoder_num_heads={m.encoder_num_heads} must be >= 0 (0: by width)")
-  if config.mesh.data == 0 or config.mesh.fsdp == 0:
-    problems.append("mesh.data and mesh.fsdp must be positive or -1")
+  problems += _value_problems(config) + _train_problems(config)
+  problems += sampling.SamplerSettings.from_config(config.sample).problems(
+      prefix="sample.", accel_heads=bool(idxs))
+  problems += _eval_problems(config) + _data_problems(config)
+  problems += _alignment_problems(config, idxs)
   if problems:
     raise UserError("invalid config: " + "; ".join(problems))
 

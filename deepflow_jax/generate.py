@@ -17,24 +17,25 @@ SIGTERM / SIGINT (finished batches kept; rerun to resume).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import jax
 
+from deepflow_jax import outputs
 from deepflow_jax import sampling
-from deepflow_jax import vae as vae_lib
+from deepflow_jax import workdir
 from deepflow_jax.errors import ArgumentParser
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import cli_main
+from deepflow_jax.evaluation import reference
 from deepflow_jax.evaluation import suite
 from deepflow_jax.generation import GenerationSettings
 from deepflow_jax.generation import generate_to_folder
 from deepflow_jax.models.loading import SAMPLING_DTYPES
 from deepflow_jax.models.loading import sampling_dtype
 from deepflow_jax.models.loading import load_model
-from deepflow_jax.models.loading import workdir_latent_scale
+from deepflow_jax.models import vae as vae_lib
 from deepflow_jax.signals import StopRequests
 
 
@@ -85,18 +86,18 @@ def _parser() -> ArgumentParser:
                  help="FID Inception weights (pytorch-fid's pt_inception-*.pth or the TF .pb)")
   e.add_argument("--eval_output", default=None,
                  help="metrics JSON (default: OUTPUT/metrics.json)")
-  p.add_argument("--stop_after_batches", type=int, default=None, help=argparse.SUPPRESS)
   return p
 
 
 @cli_main
 def main(argv=None):
   a = _parser().parse_args(argv)
-  settings = GenerationSettings(
-      num_samples=a.num_samples, sampler=a.sampler, num_steps=a.num_steps,
-      cfg_scale=a.cfg_scale, guidance_low=a.guidance_low, guidance_high=a.guidance_high,
-      seed=a.seed, labels=a.labels, dtype=sampling_dtype(a.dtype), grid=a.grid,
-      grid_shift=a.grid_shift, grid_rho=a.grid_rho)
+  sampler = sampling.SamplerSettings(
+      sampler=a.sampler, num_steps=a.num_steps, grid=a.grid, grid_shift=a.grid_shift,
+      grid_rho=a.grid_rho, cfg_scale=a.cfg_scale, guidance_low=a.guidance_low,
+      guidance_high=a.guidance_high)
+  settings = GenerationSettings(num_samples=a.num_samples, sampler=sampler, seed=a.seed,
+                                labels=a.labels, dtype=sampling_dtype(a.dtype))
   problems = settings.problems()
   if a.per_device_batch < 1:
     problems.append(f"--per_device_batch must be >= 1, got {a.per_device_batch}")
@@ -105,11 +106,11 @@ def main(argv=None):
   if problems:
     raise UserError("; ".join(problems))
   if a.reference:
-    suite.check_reference(a.reference)
+    reference.check_reference(a.reference)
     if not os.path.isfile(a.inception):
       raise UserError(f"--inception={a.inception}: no such file")
     eval_output = a.eval_output or os.path.join(a.output, "metrics.json")
-    suite.check_output_path(eval_output, "--eval_output")
+    outputs.check_file_path(eval_output, "--eval_output")
   model, params = load_model(a.checkpoint, settings.dtype)
   pixel_space = model.in_channels in (1, 3)
   if a.vae and pixel_space:
@@ -121,8 +122,8 @@ def main(argv=None):
   vae = vae_lib.load_diffusers_vae(a.vae) if a.vae else None
   result = generate_to_folder(model, params, a.output, settings,
                               per_device_batch=a.per_device_batch, vae=vae, vae_path=a.vae,
-                              latent_scale=workdir_latent_scale(a.checkpoint),
-                              checkpoint=a.checkpoint, stop_after_batches=a.stop_after_batches)
+                              latent_scale=workdir.latent_scale(a.checkpoint),
+                              checkpoint=a.checkpoint)
   if result.samples_npz is None or not a.reference:
     return result.stopped or 0
   with StopRequests(raise_now=True, what="evaluation stopped; the samples are complete, rerun "

@@ -48,7 +48,7 @@ Output directory (rules of ``deepflow_jax.outputs``):
 * ``images/NNNNNN.png`` (RGB, one per sample) when images are produced: for
   pixel-space models (``in_channels`` 1 or 3; samples are images in [-1, 1],
   1-channel samples replicated to RGB) or when a VAE decodes latents
-  (``image = vae.decode(z / scaling_factor)``). Pixels follow the reference:
+  (``image = vae.decode(z / latent_scale)``). Pixels follow the reference:
   ``uint8(clip((x + 1) / 2 * 255, 0, 255))`` (truncation).
 * ``samples.npz`` when every sample is done: ``latents`` (N, H, W, C) float32,
   ``labels`` (N,) int32 and, with images, ``arr_0`` (N, H', W', 3) uint8 in
@@ -88,48 +88,27 @@ _BATCH_RE = re.compile(r"^batch_(\d{8})\.npy$")
 
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
-  """What determines the samples (besides the model and its weights); see the module docstring."""
+  """What determines the samples (besides the model and its weights); see the module docstring.
+
+  ``sampler`` holds the sampler, steps, grid and guidance (checked by its own
+  ``problems``); the rest is what generation adds: how many samples, the seed,
+  how labels are chosen and the compute dtype the model was loaded with.
+  """
   num_samples: int
-  sampler: str = "sde"
-  num_steps: int = 250
-  cfg_scale: float = 1.0
-  guidance_low: float = 0.0
-  guidance_high: float = 1.0
+  sampler: sampling.SamplerSettings = sampling.SamplerSettings()
   seed: int = 0
   labels: str = "random"  # "random" | "cycle"
   dtype: str = "float32"  # the model's compute dtype (recorded; the model already has it)
-  grid: str = ""  # time grid (sampling.GRIDS); "" = the sampler's default
-  grid_shift: float = sampling.DEFAULT_GRID_SHIFT  # s of the "shifted" grid
-  grid_rho: float = sampling.DEFAULT_GRID_RHO  # rho of the "poly" grid
 
-  def grid_kwargs(self) -> dict[str, Any]:
-    """The grid as keyword arguments of the sampling functions."""
-    return dict(grid=self.grid or None, grid_shift=float(self.grid_shift),
-                grid_rho=float(self.grid_rho))
-
-  def grid_manifest(self) -> dict[str, Any]:
-    """The grid as recorded in the manifest: nothing for the sampler's default grid (so
-    folders written before grids existed resume), else its name and its one parameter."""
-    grid = self.grid or sampling.default_grid(self.sampler)
-    if grid == sampling.default_grid(self.sampler):
-      return {}
-    param = {"shifted": "grid_shift", "poly": "grid_rho"}.get(grid)
-    return {"grid": grid, **({param: float(getattr(self, param))} if param else {})}
-
-  def problems(self) -> list[str]:
-    """Every invalid value, named by its command-line flag."""
+  def problems(self, accel_heads: Optional[bool] = None) -> list[str]:
+    """Every invalid value, named by its command-line flag (``accel_heads``: as
+    ``SamplerSettings.problems``)."""
     out = []
     if self.num_samples < 1:
       out.append(f"--num_samples must be >= 1, got {self.num_samples}")
-    if self.sampler not in sampling.SAMPLERS:
-      out.append(f"--sampler must be one of {', '.join(sampling.SAMPLERS)}, got {self.sampler!r}")
-    else:
-      out += sampling.step_problems(self.sampler, self.num_steps, flag="--num_steps")
-    out += sampling.grid_problems(self.grid, self.grid_shift, self.grid_rho, prefix="--")
+    out += self.sampler.problems(prefix="--", accel_heads=accel_heads)
     if not 0 <= self.seed < 2**31:
       out.append(f"--seed must be in [0, 2**31), got {self.seed}")
-    out += sampling.guidance_problems(self.cfg_scale, self.guidance_low, self.guidance_high,
-                                      prefix="--")
     if self.labels not in sampling.LABEL_MODES:
       out.append(f"--labels must be one of {', '.join(sampling.LABEL_MODES)}, got "
                  f"{self.labels!r}")
@@ -265,153 +244,75 @@ def output_folder(output: str) -> outputs.OutputFolder:
 
 def folder_settings(model, params, settings: GenerationSettings, *, checkpoint: str = "",
                     vae_path: Optional[str] = None, with_images: bool) -> dict[str, Any]:
-  """The manifest's settings: everything that determines the samples."""
-  d = dataclasses.asdict(settings)
+  """The manifest's settings: everything that determines the samples (the grid only when
+  it is not the sampler's default, so folders written before grids existed resume)."""
+  s = settings.sampler
   return {
       "checkpoint": os.path.abspath(checkpoint) if checkpoint else "",
       "model": model_to_dict(model),
       "params_digest": outputs.tree_digest(params),
-      **{k: d[k] for k in ("dtype", "sampler", "num_steps", "cfg_scale", "guidance_low",
-                           "guidance_high", "seed", "labels", "num_samples")},
-      **settings.grid_manifest(),
+      "dtype": settings.dtype, "sampler": s.sampler, "num_steps": s.num_steps,
+      "cfg_scale": s.cfg_scale, "guidance_low": s.guidance_low, "guidance_high": s.guidance_high,
+      "seed": settings.seed, "labels": settings.labels, "num_samples": settings.num_samples,
+      **s.grid_record(),
       "vae": os.path.abspath(vae_path) if vae_path else None,
       "images": with_images,
   }
 
 
-def _grid_text(settings: GenerationSettings) -> str:
-  g = settings.grid_manifest()
-  return "".join(f" {k}={v}" for k, v in g.items()) if g else ""
-
-
-def generate_to_folder(model, params, output: str, settings: GenerationSettings, *,
-                       per_device_batch: int = 16, vae: Optional[tuple[Any, Any]] = None,
-                       vae_path: Optional[str] = None, latent_scale: Optional[float] = None,
-                       checkpoint: str = "",
-                       stop_after_batches: Optional[int] = None,
-                       log: Callable[[str], None] = _print0) -> GenerationResult:
-  """Generates ``settings.num_samples`` samples into ``output``, resuming what is there.
-
-  Args:
-    model, params: the network and the weights to sample with.
-    output: the output folder (created; resumable; see the module docstring).
-    settings: the sampler and sample settings (recorded in the manifest).
-    per_device_batch: samples per device per step (free to change between runs).
-    vae: ``(module, params)`` of an SD-VAE to decode latents into images;
-      ``vae_path`` is recorded in the manifest. ``latent_scale``: images are
-      ``vae.decode(z / latent_scale)``; default the VAE's own scaling factor (pass
-      the training data's, ``load_model``'s workdirs record it, when it differs).
-    checkpoint: where the weights came from (recorded).
-    stop_after_batches: stop after that many batches (testing aid).
-    log: where progress lines go (process 0 prints by default).
-
-  Returns a ``GenerationResult``; ``samples_npz`` is None when the run stopped
-  early (a signal: ``stopped`` holds the exit status, 143 or 130).
-  SIGTERM / SIGINT stop the run after the batch in hand (finished batches are
-  kept; rerunning resumes).
-  """
-  problems = settings.problems()
+def _check(model, settings: GenerationSettings, per_device_batch: int, vae, vae_path) -> None:
+  """Every refusal before anything is written or compiled (one ``UserError`` line)."""
+  problems = settings.problems(accel_heads=bool(tuple(getattr(model, "df_idxs", ()))))
   if per_device_batch < 1:
     problems.append(f"--per_device_batch must be >= 1, got {per_device_batch}")
-  problems += sampling.accel_problems(model, settings.sampler, prefix="--")
   if problems:
     raise UserError("; ".join(problems))
-  pixel_space = model.in_channels in (1, 3)
-  if pixel_space and vae is not None:
+  if model.in_channels in (1, 3) and vae is not None:
     raise UserError(f"the model samples {model.in_channels}-channel images (pixel space); "
                     "--vae is for latent-space models")
   if vae is not None and vae[0].latent_channels != model.in_channels:
     raise UserError(f"{vae_path}: the VAE has {vae[0].latent_channels} latent channels but the "
                     f"model samples {model.in_channels}")
-  with_images = pixel_space or vae is not None
-  n = settings.num_samples
-  folder = output_folder(output)
-  out = folder.path
-  manifest = folder_settings(model, params, settings, checkpoint=checkpoint, vae_path=vae_path,
-                             with_images=with_images)
-  if vae is not None and latent_scale is not None:
-    manifest["latent_scale"] = float(latent_scale)
-  mesh = shd.data_mesh()
-  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  repl = shd.replicated(mesh)
-  batch = per_device_batch * mesh.size
 
-  # Process 0 owns the directory; every process learns the same plan from it.
-  resumed = False
+
+def _open_and_plan(folder: outputs.OutputFolder, manifest: dict, info: dict, num_samples: int,
+                   batch: int, with_images: bool) -> tuple[list[tuple[int, int]], bool]:
+  """Opens the folder on process 0 and returns every process the same pending batches.
+
+  Process 0 checks (or writes) the manifest, removes stale temporaries and reads
+  which samples are finished; with several processes it broadcasts that, so the
+  folder need only be reachable from process 0.
+  """
+  resumed, done = False, []
   if jax.process_index() == 0:
-    _, resumed = folder.open(manifest, {"per_device_batch": per_device_batch,
-                                        "devices": mesh.size, "processes": jax.process_count(),
-                                        "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    _, resumed = folder.open(manifest, info)
     for sub in (LATENTS_DIR, LABELS_DIR) + ((IMAGES_DIR,) if with_images else ()):
-      os.makedirs(os.path.join(out, sub), exist_ok=True)
-    outputs.remove_stale_tmp(out, recursive=True)
-    done = finished_ranges(out, n)
-  else:
-    done = []
+      os.makedirs(folder.join(sub), exist_ok=True)
+    outputs.remove_stale_tmp(folder.path, recursive=True)
+    done = finished_ranges(folder.path, num_samples)
   if jax.process_count() > 1:
-    covered = np.zeros(n, np.int32)
+    covered = np.zeros(num_samples, np.int32)
     for s, c in done:
       covered[s:s + c] = 1
     covered = np.asarray(multihost_utils.broadcast_one_to_all(covered))
     done = [(int(i), 1) for i in np.flatnonzero(covered)]
-  todo = pending_batches(done, n, batch)
-  n_done = n - sum(c for _, c in todo)
-  log(f"[generate] {n} samples -> {out}: {n_done} already done, {len(todo)} batches of up to "
-      f"{batch} ({mesh.size} devices x {per_device_batch}) to go; sampler {settings.sampler}, "
-      f"{settings.num_steps} steps{_grid_text(settings)}, cfg {settings.cfg_scale} in "
-      f"[{settings.guidance_low}, "
-      f"{settings.guidance_high}]" + (" (resumed)" if resumed else ""))
-  if not with_images:
-    log("[generate] latent model and no --vae: writing latents only (no PNGs, no arr_0); "
-        "pass --vae=DIR to decode them into images")
+  return pending_batches(done, num_samples, batch), resumed
 
-  gen = sampling.make_batch_sampler(model, mesh, sampler=settings.sampler,
-                                    num_steps=settings.num_steps, seed=settings.seed,
-                                    labels_mode=settings.labels, **settings.grid_kwargs())
-  decode = (images_lib.make_decoder(vae, mesh, latent_scale=latent_scale)
-            if vae is not None else None)
-  params = jax.device_put(params, repl)
-  scalars = [jnp.asarray(v, jnp.float32)
-             for v in (settings.cfg_scale, settings.guidance_low, settings.guidance_high)]
-  no_labels = jax.make_array_from_callback((batch,), data, lambda s: np.zeros(batch, np.int32)[s])
 
-  t_start = time.perf_counter()
-  progress = Progress(n, "generate", "samples", done=n_done, every_s=0.0, log=log)
-  with StopRequests() as stop:
-    for b, (start, count) in enumerate(todo):
-      idx = np.arange(start, start + batch, dtype=np.int32)  # the tail past `count` is padding
-      indices = jax.make_array_from_callback((batch,), data, lambda s, idx=idx: idx[s])
-      x, y = gen(params, indices, no_labels, *scalars)
-      images = decode(x) if decode is not None else None
-      x, y = shd.host_array(x)[:count], shd.host_array(y)[:count]
-      if images is not None:
-        images = shd.host_array(images)[:count]
-      elif pixel_space:
-        images = x
-      if jax.process_index() == 0:
-        if images is not None:
-          u8 = images_lib.to_uint8(images, rgb=True)
-          for i in range(count):
-            outputs.atomic_save_png(os.path.join(out, IMAGES_DIR, f"{start + i:06d}.png"), u8[i])
-        outputs.atomic_save_npy(os.path.join(out, _batch_file(LABELS_DIR, start)),
-                                y.astype(np.int32))
-        outputs.atomic_save_npy(os.path.join(out, _batch_file(LATENTS_DIR, start)),
-                                x.astype(np.float32))  # written last: marks the batch done
-      progress.update(count)
-      stop_now = stop.requested
-      if jax.process_count() > 1:
-        stop_now = bool(multihost_utils.broadcast_one_to_all(np.int32(stop_now)))
-      if stop_now and b + 1 < len(todo):
-        _sync("generate-stop")
-        log(stop.message("generate", f"stopped after {progress.done:,} of {n:,} samples; "
-                         "finished batches are kept, rerun the same command to resume"))
-        return GenerationResult(out, n, None, stopped=stop.exit_status)
-      if stop_after_batches is not None and b + 1 >= stop_after_batches and b + 1 < len(todo):
-        _sync("generate-stop")
-        log(f"[generate] stopping after {b + 1} batches (--stop_after_batches)")
-        return GenerationResult(out, n, None)
-  _sync("generate-batches-done")
+def _save_batch(out: str, start: int, x: np.ndarray, y: np.ndarray,
+                images: Optional[np.ndarray]) -> None:
+  """Writes one finished batch (process 0): PNGs, labels, then the latents that mark it done."""
+  if images is not None:
+    u8 = images_lib.to_uint8(images, rgb=True)
+    for i in range(len(x)):
+      outputs.atomic_save_png(os.path.join(out, IMAGES_DIR, f"{start + i:06d}.png"), u8[i])
+  outputs.atomic_save_npy(os.path.join(out, _batch_file(LABELS_DIR, start)), y.astype(np.int32))
+  outputs.atomic_save_npy(os.path.join(out, _batch_file(LATENTS_DIR, start)),
+                          x.astype(np.float32))  # written last: marks the batch done
 
+
+def _finish(out: str, n: int, with_images: bool, t_start: float, log) -> str:
+  """Concatenates the finished batches into ``samples.npz`` (process 0); returns its path."""
   path = os.path.join(out, SAMPLES_NPZ)
   if jax.process_index() == 0:
     ranges = finished_ranges(out, n)
@@ -423,4 +324,89 @@ def generate_to_folder(model, params, output: str, settings: GenerationSettings,
       write_samples_npz(out, ranges, n, with_images)
     log(f"[generate] done: {n} samples in {path} ({time.perf_counter() - t_start:.1f}s this run)")
   _sync("generate-done")
-  return GenerationResult(out, n, path)
+  return path
+
+
+def generate_to_folder(model, params, output: str, settings: GenerationSettings, *,
+                       per_device_batch: int = 16, vae: Optional[tuple[Any, Any]] = None,
+                       vae_path: Optional[str] = None, latent_scale: Optional[float] = None,
+                       checkpoint: str = "", should_stop: Optional[Callable[[], bool]] = None,
+                       log: Callable[[str], None] = _print0) -> GenerationResult:
+  """Generates ``settings.num_samples`` samples into ``output``, resuming what is there.
+
+  Args:
+    model, params: the network and the weights to sample with.
+    output: the output folder (created; resumable; see the module docstring).
+    settings: the sampler and sample settings (recorded in the manifest).
+    per_device_batch: samples per device per step (free to change between runs).
+    vae: ``(module, params)`` of an SD-VAE to decode latents into images;
+      ``vae_path`` is recorded in the manifest. ``latent_scale``: images are
+      ``vae.decode(z / latent_scale)``; default the VAE's own latent scale (pass
+      the training data's, ``workdir.latent_scale`` reads a workdir's, when it differs).
+    checkpoint: where the weights came from (recorded).
+    should_stop: asked after every batch (with SIGTERM / SIGINT); True stops the
+      run there as a signal would, the finished batches kept.
+    log: where progress lines go (process 0 prints by default).
+
+  Returns a ``GenerationResult``; ``samples_npz`` is None when the run stopped
+  early (``stopped`` holds the exit status: 143 or 130 for a signal, 0 when
+  ``should_stop`` asked). SIGTERM / SIGINT stop the run after the batch in hand
+  (finished batches are kept; rerunning resumes).
+  """
+  _check(model, settings, per_device_batch, vae, vae_path)
+  pixel_space = model.in_channels in (1, 3)
+  with_images = pixel_space or vae is not None
+  n = settings.num_samples
+  folder = output_folder(output)
+  out = folder.path
+  manifest = folder_settings(model, params, settings, checkpoint=checkpoint, vae_path=vae_path,
+                             with_images=with_images)
+  if vae is not None and latent_scale is not None:
+    manifest["latent_scale"] = float(latent_scale)
+  mesh = shd.data_mesh()
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  batch = per_device_batch * mesh.size
+  todo, resumed = _open_and_plan(
+      folder, manifest, {"per_device_batch": per_device_batch, "devices": mesh.size,
+                         "processes": jax.process_count(),
+                         "started": time.strftime("%Y-%m-%d %H:%M:%S")}, n, batch, with_images)
+  n_done = n - sum(c for _, c in todo)
+  log(f"[generate] {n} samples -> {out}: {n_done} already done, {len(todo)} batches of up to "
+      f"{batch} ({mesh.size} devices x {per_device_batch}) to go; sampler "
+      f"{settings.sampler.describe()}" + (" (resumed)" if resumed else ""))
+  if not with_images:
+    log("[generate] latent model and no --vae: writing latents only (no PNGs, no arr_0); "
+        "pass --vae=DIR to decode them into images")
+  gen = sampling.make_batch_sampler(model, mesh, settings.sampler, labels_mode=settings.labels)
+  decode = (images_lib.make_decoder(vae, mesh, latent_scale=latent_scale)
+            if vae is not None else None)
+  params = jax.device_put(params, shd.replicated(mesh))
+  seed = jnp.asarray(settings.seed, jnp.int32)
+  guidance = settings.sampler.guidance()
+  no_labels = jax.make_array_from_callback((batch,), data, lambda s: np.zeros(batch, np.int32)[s])
+  t_start = time.perf_counter()
+  progress = Progress(n, "generate", "samples", done=n_done, every_s=0.0, log=log)
+  with StopRequests() as stop:
+    for b, (start, count) in enumerate(todo):
+      idx = np.arange(start, start + batch, dtype=np.int32)  # the tail past `count` is padding
+      indices = jax.make_array_from_callback((batch,), data, lambda s, idx=idx: idx[s])
+      x, y = gen(params, seed, indices, no_labels, *guidance)
+      images = decode(x) if decode is not None else (x if pixel_space else None)
+      if images is not None:
+        images = shd.host_array(images)[:count]
+      if jax.process_index() == 0:
+        _save_batch(out, start, shd.host_array(x)[:count], shd.host_array(y)[:count], images)
+      progress.update(count)
+      asked = bool(should_stop and should_stop())
+      stop_now = stop.requested or asked
+      if jax.process_count() > 1:
+        stop_now = bool(multihost_utils.broadcast_one_to_all(np.int32(stop_now)))
+      if stop_now and b + 1 < len(todo):
+        _sync("generate-stop")
+        log(stop.message("generate", f"stopped after {progress.done:,} of {n:,} samples; "
+                         "finished batches are kept, rerun the same command to resume")
+            if stop.requested else f"[generate] stopped after {progress.done:,} of {n:,} "
+            "samples (asked to); finished batches are kept")
+        return GenerationResult(out, n, None, stopped=stop.exit_status if stop.requested else 0)
+  _sync("generate-batches-done")
+  return GenerationResult(out, n, _finish(out, n, with_images, t_start, log))

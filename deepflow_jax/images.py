@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepflow_jax import outputs
 from deepflow_jax import sampling
+from deepflow_jax.models.vae import LATENT_SCALE
 from deepflow_jax.errors import UserError
 
 
@@ -44,7 +45,7 @@ def to_uint8(images, *, rgb: bool = False):
   return x
 
 
-def decode(samples, vae: Optional[tuple[Any, Any]] = None, *, latent_scale: float = 0.18215,
+def decode(samples, vae: Optional[tuple[Any, Any]] = None, *, latent_scale: float = LATENT_SCALE,
            rgb: bool = False) -> np.ndarray:
   """Samples -> uint8 NHWC images (numpy).
 
@@ -63,10 +64,10 @@ def make_decoder(vae: tuple[Any, Any], mesh, *, latent_scale: Optional[float] = 
 
   ``vae = (module, params)``; ``z`` (B, h, w, c) sharded (or shardable) over the
   mesh's axes, B a multiple of ``mesh.size``. ``latent_scale`` defaults to the
-  VAE's own ``scaling_factor``. The VAE's parameters are replicated once here.
+  VAE's own ``latent_scale``. The VAE's parameters are replicated once here.
   """
   module, params = vae
-  scale = float(module.scaling_factor if latent_scale is None else latent_scale)
+  scale = float(module.latent_scale if latent_scale is None else latent_scale)
   data = NamedSharding(mesh, P(mesh.axis_names))
   repl = NamedSharding(mesh, P())
   params = jax.device_put(params, repl)
@@ -107,20 +108,23 @@ def save_grid(images: np.ndarray, rows: int, path: str) -> None:
   save_png(path, grid(images, rows), min_side=512)
 
 
-def sample_grid(model, params, classes: Sequence[int], per_class: int = 8, *,
-                vae: Optional[tuple[Any, Any]] = None, latent_scale: float = 0.18215,
-                seed: int = 0, **sample_kwargs) -> np.ndarray:
-  """Samples ``per_class`` images of every class in ``classes``; a uint8 picture, a row per class.
+def sample_grid(model, params, classes: Sequence[int], per_class: int = 8,
+                settings: sampling.SamplerSettings = sampling.SamplerSettings(), *,
+                vae: Optional[tuple[Any, Any]] = None, latent_scale: float = LATENT_SCALE,
+                seed: int = 0, per_device_batch: int = 16) -> np.ndarray:
+  """Samples ``per_class`` images of every class in ``classes``; a uint8 RGB picture
+  (H, W, 3), a row per class (1-channel models are shown grey).
 
-  ``sample_kwargs`` go to ``deepflow_jax.sampling.sample_many`` (``sampler``,
-  ``num_steps``, ``cfg_scale``, ``guidance_low``, ``guidance_high``,
-  ``per_device_batch``, ...). Latent models need ``vae = (module, params)``
-  (``deepflow_jax.vae.load_diffusers_vae``) to become pictures. Show it with
-  ``PIL.Image.fromarray(picture)`` or save it with ``save_png``.
+  ``settings`` (``sampling.SamplerSettings``), ``seed`` and ``per_device_batch``
+  go to ``deepflow_jax.sampling.sample_many``. Latent models need ``vae =
+  (module, params)`` (``deepflow_jax.models.vae.load_diffusers_vae``) to become
+  pictures. Show it with ``PIL.Image.fromarray(picture)`` or save it with
+  ``save_png``.
   """
-  labels = sampling.class_grid_labels(classes, per_class)
-  samples = sampling.sample_many(model, params, labels, seed=seed, **sample_kwargs)
   if model.in_channels not in (1, 3) and vae is None:
     raise UserError("this model samples VAE latents: pass vae=load_diffusers_vae(path) to see "
                     "them as images")
-  return grid(decode(samples, vae, latent_scale=latent_scale), len(list(classes)))
+  labels = sampling.class_grid_labels(classes, per_class)
+  samples = sampling.sample_many(model, params, labels, settings, seed=seed,
+                                 per_device_batch=per_device_batch)
+  return grid(decode(samples, vae, latent_scale=latent_scale, rgb=True), len(list(classes)))

@@ -2,12 +2,17 @@
 
 Library use::
 
-    from deepflow_jax.sampling import sample
-    x = sample(model, params, latents, labels, sampler="sde", num_steps=250,
-               cfg_scale=1.8, guidance_low=0.0, guidance_high=0.7,
-               rng=jax.random.key(0))                        # (N, H, W, C) float32
-    x = sample(model, params, latents, labels, sampler="ab2", num_steps=8,
-               grid="shifted", grid_shift=3.0)               # 8 network evaluations
+    from deepflow_jax.sampling import SamplerSettings, sample
+    sde = SamplerSettings("sde", num_steps=250, cfg_scale=1.8, guidance_high=0.7)
+    x = sample(model, params, latents, labels, sde, rng=jax.random.key(0))  # (N, H, W, C)
+    x = sample(model, params, latents, labels,
+               SamplerSettings("ab2", num_steps=8, grid="shifted", grid_shift=3.0))  # 8 NFE
+
+``SamplerSettings`` is the one value that carries the sampler settings (sampler,
+steps, time grid, guidance scale and interval) from command-line flags
+(``generate``), configs (``config.sample``) and notebooks to the sampling
+functions; ``SamplerSettings.problems()`` is the one check of them, which
+``config_lib.validate`` and ``generate`` run before anything compiles.
 
 Every sampler integrates the linear-path flow from t = 1 (noise) to t = 0 (data)
 on a decreasing time grid ``1 = t_0 > t_1 > ... > t_n = 0``. All K branches
@@ -91,16 +96,20 @@ interval where the reference's float64 comparison would not (only when they
 differ by less than a float32 ulp).
 
 Compilation: the whole loop (``jax.lax.fori_loop``) is one jitted function per
-``(model, sampler, num_steps, noise mode, grid)``; the CFG scale, the guidance
-interval, labels, latents, noise keys and parameters are traced arguments, so
-changing them does not recompile (shapes and dtypes must stay the same).
-``make_sampler`` returns the un-jitted pure function for callers who jit it
-themselves (e.g. with explicit shardings, see ``make_batch_sampler``).
+model and ``SamplerSettings.compile_key()`` (sampler, steps, grid) and noise
+mode; the CFG scale, the guidance interval, labels, latents, noise keys, seed and
+parameters are traced arguments, so changing them does not recompile (shapes and
+dtypes must stay the same). ``jitted_sampler`` and ``make_batch_sampler`` cache
+their compiled functions, so calling ``sample``/``sample_many`` batch after batch
+compiles once per settings and shape. ``make_sampler`` returns the un-jitted pure
+function for callers who jit it themselves.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -136,15 +145,127 @@ def default_grid(sampler: str) -> str:
   return "reference" if sampler == "sde" else "uniform"
 
 
-def _grid_key(sampler: str, grid: Optional[str], grid_shift: float,
-              grid_rho: float) -> tuple[str, Optional[float]]:
-  """(grid name, its one parameter or None): the canonical cache key of a grid."""
-  grid = default_grid(sampler) if grid in (None, "", "default") else grid
-  problems = grid_problems(grid, grid_shift, grid_rho)
-  if problems:
-    raise ValueError("; ".join(problems))
-  param = {"shifted": grid_shift, "poly": grid_rho}.get(grid)
-  return grid, None if param is None else float(param)
+def _choice_problem(key: str, value, allowed: Sequence[str], extra: str = "") -> str:
+  """``key=value is not one of ...`` with the nearest valid name, if one is near."""
+  near = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
+  hint = f" (did you mean {near[0]!r}?)" if near else ""
+  return f"{key}={value!r} is not one of {', '.join(allowed)}{extra}{hint}"
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """How samples are drawn: the sampler, its steps and time grid, and classifier-free guidance.
+
+  Attributes:
+    sampler: one of ``SAMPLERS`` (module docstring).
+    num_steps: grid intervals (static: a new value compiles anew).
+    grid: one of ``GRIDS``, or ``""`` for the sampler's default (``default_grid``).
+    grid_shift: ``s`` of the ``shifted`` grid; grid_rho: ``rho`` of ``poly``
+      (each used only by its grid).
+    cfg_scale: guidance scale ``w``; ``w <= 1`` means no guidance.
+    guidance_low, guidance_high: guidance applies on steps whose start time
+      lies in ``[guidance_low, guidance_high]`` (1 = noise, 0 = data).
+
+  Field names are the keys of ``config.sample`` and the flags of ``generate``,
+  so ``problems(prefix=...)`` names a mistake the way the user wrote it.
+  """
+  sampler: str = "sde"
+  num_steps: int = 250
+  grid: str = ""
+  grid_shift: float = DEFAULT_GRID_SHIFT
+  grid_rho: float = DEFAULT_GRID_RHO
+  cfg_scale: float = 1.0
+  guidance_low: float = 0.0
+  guidance_high: float = 1.0
+
+  @classmethod
+  def from_config(cls, sample_config: Mapping[str, Any]) -> "SamplerSettings":
+    """The settings of ``config.sample`` (a ConfigDict or dict holding at least these keys)."""
+    return cls(**{f.name: sample_config[f.name] for f in dataclasses.fields(cls)})
+
+  @property
+  def grid_name(self) -> str:
+    """The grid actually used: ``grid`` or the sampler's default."""
+    return self.grid or default_grid(self.sampler)
+
+  @property
+  def grid_param(self) -> Optional[float]:
+    """The one parameter of the grid in use (``grid_shift``/``grid_rho``), else None."""
+    name = {"shifted": "grid_shift", "poly": "grid_rho"}.get(self.grid_name)
+    return None if name is None else float(getattr(self, name))
+
+  def problems(self, *, prefix: str = "", accel_heads: Optional[bool] = None) -> list[str]:
+    """Every invalid value (empty when valid), each named ``prefix + field``.
+
+    ``accel_heads``: whether the model has acceleration heads (DeepFlow with
+    splits); False refuses the ``accel*`` samplers, None does not check.
+    """
+    out = []
+    if self.sampler not in SAMPLERS:
+      out.append(_choice_problem(f"{prefix}sampler", self.sampler, SAMPLERS))
+    n = self.num_steps
+    if not _is_number(n) or int(n) != n or n < 1:
+      out.append(f"{prefix}num_steps must be a positive integer, got {n!r}")
+    if self.grid not in ("",) + GRIDS:
+      out.append(_choice_problem(f"{prefix}grid", self.grid, GRIDS,
+                                 " (or empty for the sampler's default)"))
+    elif self.grid in ("shifted", "poly"):
+      name = "grid_shift" if self.grid == "shifted" else "grid_rho"
+      v = getattr(self, name)
+      if not _is_number(v) or not np.isfinite(v) or v <= 0:
+        out.append(f"{prefix}{name}={v!r} must be a finite number > 0 for the {self.grid} grid")
+    w, lo, hi = self.cfg_scale, self.guidance_low, self.guidance_high
+    if not all(_is_number(v) for v in (w, lo, hi)) or not np.isfinite([w, lo, hi]).all():
+      out.append(f"{prefix}cfg_scale, {prefix}guidance_low and {prefix}guidance_high must be "
+                 "finite numbers")
+    elif lo > hi:
+      out.append(f"{prefix}guidance_low={lo} is above {prefix}guidance_high={hi}: guidance "
+                 f"would never apply (the interval is [{prefix}guidance_low, "
+                 f"{prefix}guidance_high] in t, 1 = noise, 0 = data)")
+    elif w < 0:
+      out.append(f"{prefix}cfg_scale={w} must be >= 0 (<= 1 means no guidance)")
+    if accel_heads is False and self.sampler in ACCEL_SAMPLERS:
+      out.append(f"{prefix}sampler={self.sampler!r} needs the acceleration heads of DeepFlow's "
+                 "VeRA blocks, but this model has no splits (model.df_idxs is empty: plain "
+                 f"SiT); use one of {', '.join(s for s in SAMPLERS if s not in ACCEL_SAMPLERS)}")
+    return out
+
+  def check(self, model=None, *, prefix: str = "") -> "SamplerSettings":
+    """Raises ``UserError`` (one line) unless valid (for ``model``, when given); returns self."""
+    heads = None if model is None else bool(tuple(getattr(model, "df_idxs", ())))
+    problems = self.problems(prefix=prefix, accel_heads=heads)
+    if problems:
+      raise UserError("; ".join(problems))
+    return self
+
+  def compile_key(self) -> tuple[str, int, str, Optional[float]]:
+    """What a compiled sampler depends on: sampler, steps, grid and its parameter."""
+    self.check()
+    return self.sampler, int(self.num_steps), self.grid_name, self.grid_param
+
+  def guidance(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(cfg_scale, guidance_low, guidance_high)`` as the float32 scalars samplers trace."""
+    return tuple(jnp.asarray(v, jnp.float32)
+                 for v in (self.cfg_scale, self.guidance_low, self.guidance_high))
+
+  def grid_record(self) -> dict[str, Any]:
+    """The grid as manifests record it: nothing for the sampler's default grid, else its
+    name and its one parameter."""
+    if self.grid_name == default_grid(self.sampler):
+      return {}
+    name = {"shifted": "grid_shift", "poly": "grid_rho"}.get(self.grid_name)
+    return {"grid": self.grid_name, **({name: self.grid_param} if name else {})}
+
+  def describe(self) -> str:
+    """One phrase for logs: ``sde, 250 steps, grid shifted grid_shift=2.0, cfg 4.0 in [0, 0.7]``."""
+    grid = "".join(f" {k}={v}" for k, v in self.grid_record().items())
+    cfg = (f", cfg {self.cfg_scale} in [{self.guidance_low}, {self.guidance_high}]"
+           if self.cfg_scale > 1 else "")
+    return f"{self.sampler}, {self.num_steps} steps{grid}{cfg}"
 
 
 def _grid_times(grid: str, param: Optional[float], num_steps: int) -> np.ndarray:
@@ -158,73 +279,14 @@ def _grid_times(grid: str, param: Optional[float], num_steps: int) -> np.ndarray
   return u
 
 
-def time_grid(sampler: str, num_steps: int, grid: Optional[str] = None, *,
-              grid_shift: float = DEFAULT_GRID_SHIFT,
-              grid_rho: float = DEFAULT_GRID_RHO) -> np.ndarray:
-  """The sampler's ``num_steps + 1`` times, float64, strictly decreasing from 1 to 0.
-
-  ``grid=None`` is the sampler's default (``default_grid``); ``grid_shift`` is
-  used by ``"shifted"`` only, ``grid_rho`` by ``"poly"`` only (module docstring).
-  """
-  _check_sampler(sampler, num_steps)
-  return _grid_times(*_grid_key(sampler, grid, grid_shift, grid_rho), int(num_steps))
+def time_grid(settings: SamplerSettings) -> np.ndarray:
+  """The ``num_steps + 1`` times of ``settings``, float64, strictly decreasing from 1 to 0."""
+  _, num_steps, grid, param = settings.compile_key()
+  return _grid_times(grid, param, num_steps)
 
 
 def _check_sampler(sampler: str, num_steps: int) -> None:
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-  if int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-
-
-def step_problems(sampler: str, num_steps, flag: str = "num_steps") -> list[str]:
-  """What is wrong with ``num_steps`` for ``sampler`` (empty when valid), named by ``flag``."""
-  if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
-    return [f"{flag} must be a positive integer for the {sampler} sampler, got {num_steps!r}"]
-  return []
-
-
-def grid_problems(grid, grid_shift, grid_rho, prefix: str = "") -> list[str]:
-  """What is wrong with a grid setting (empty when valid), named with ``prefix``.
-
-  ``grid`` may also be ``None``, ``""`` or ``"default"`` (the sampler's default).
-  The parameter of a grid must be a finite number > 0; the other is not checked.
-  """
-  if grid in (None, "", "default"):
-    return []
-  if grid not in GRIDS:
-    return [f"{prefix}grid={grid!r} is not one of {', '.join(GRIDS)} (or empty for the "
-            "sampler's default)"]
-  name, value = {"shifted": ("grid_shift", grid_shift), "poly": ("grid_rho", grid_rho)}.get(
-      grid, (None, None))
-  if name is not None:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    if not ok or not np.isfinite(value) or value <= 0:
-      return [f"{prefix}{name}={value!r} must be a finite number > 0 for the {grid} grid"]
-  return []
-
-
-def accel_problems(model, sampler: str, prefix: str = "") -> list[str]:
-  """Refusal of an ``accel*`` sampler for a model without acceleration heads (empty if fine)."""
-  if sampler in ACCEL_SAMPLERS and not tuple(getattr(model, "df_idxs", ())):
-    return [f"{prefix}sampler={sampler!r} needs the acceleration heads of DeepFlow's VeRA "
-            "blocks, but this model has no splits (model.df_idxs is empty: plain SiT); use "
-            f"one of {', '.join(s for s in SAMPLERS if s not in ACCEL_SAMPLERS)}"]
-  return []
-
-
-def guidance_problems(cfg_scale, guidance_low, guidance_high, prefix: str = "") -> list[str]:
-  """What is wrong with a guidance setting (empty when valid), named with ``prefix``."""
-  out = []
-  if not np.isfinite([cfg_scale, guidance_low, guidance_high]).all():
-    out.append(f"{prefix}cfg_scale, {prefix}guidance_low and {prefix}guidance_high must be finite")
-  elif guidance_low > guidance_high:
-    out.append(f"{prefix}guidance_low={guidance_low} is above {prefix}guidance_high="
-               f"{guidance_high}: guidance would never apply (the interval is "
-               f"[{prefix}guidance_low, {prefix}guidance_high] in t, 1 = noise, 0 = data)")
-  elif cfg_scale < 0:
-    out.append(f"{prefix}cfg_scale={cfg_scale} must be >= 0 (<= 1 means no guidance)")
-  return out
+  SamplerSettings(sampler, num_steps).check()
 
 
 def num_noise_draws(sampler: str, num_steps: int) -> int:
@@ -336,15 +398,174 @@ def accel_pair(velocities: Sequence[jax.Array], accelerations: Sequence[jax.Arra
   raise ValueError(f"unknown pairing {pairing!r}")
 
 
-def make_sampler(model, sampler: str = "sde", num_steps: int = 250, *,
-                 noise_input: bool = False, grid: Optional[str] = None,
-                 grid_shift: float = DEFAULT_GRID_SHIFT,
-                 grid_rho: float = DEFAULT_GRID_RHO) -> Callable[..., jax.Array]:
-  """The sampler as a pure, un-jitted function.
+class _Grid(NamedTuple):
+  """A sampler's time grid as the float32 constants its loop reads (computed in float64)."""
+  ts64: np.ndarray  # (n + 1,) float64: the grid itself
+  ts: jax.Array  # (n + 1,) the times
+  dts: jax.Array  # (n,) t_{i+1} - t_i (negative)
+  sqrt_g: jax.Array  # (n + 1,) sqrt(2 t): the SDE's diffusion
+  sqrt_dt: jax.Array  # (n,) sqrt(|dt|)
+
+  @classmethod
+  def of(cls, settings: SamplerSettings) -> "_Grid":
+    ts64 = time_grid(settings)
+    dt64 = ts64[1:] - ts64[:-1]
+    return cls(ts64, _f32(ts64), _f32(dt64), _f32(np.sqrt(2.0 * ts64)),
+               _f32(np.sqrt(np.abs(dt64))))
+
+  @property
+  def num_steps(self) -> int:
+    return len(self.ts64) - 1
+
+
+def _identity(v, x, t):
+  del x, t
+  return v
+
+
+def _make_field(model, params, labels, cfg_scale, guidance_low, guidance_high):
+  """``field(x, t, t_guide, to_field, net=velocity)``: ``to_field(net(x, t), x, t)`` (drift,
+  velocity, ...), guided when ``t_guide`` lies in the interval and ``cfg_scale > 1``.
+
+  ``net(x, t, labels)`` returns an array or a pytree of arrays (the velocity by
+  default); guidance runs it once on ``[x; x]`` with ``[y; null]`` interleaved and
+  combines every leaf as ``u + w (c - u)``; unguided steps run the smaller batch
+  (``jax.lax.cond``).
+  """
+  y = jnp.asarray(labels, jnp.int32)
+  w = jnp.asarray(cfg_scale, jnp.float32)
+  lo = jnp.asarray(guidance_low, jnp.float32)
+  hi = jnp.asarray(guidance_high, jnp.float32)
+  y_pair = _pair(y, jnp.full_like(y, int(model.num_classes)))
+
+  def velocity(x, t, labels_):
+    tt = jnp.full((x.shape[0],), t, jnp.float32)
+    v = model.apply({"params": params}, x, tt, labels_, method=model.velocity)
+    return v.astype(jnp.float32)
+
+  def field(x, t, t_guide, to_field, net=velocity):
+    def guided(x):
+      xx = _pair(x, x)
+      out = to_field(net(xx, t, y_pair), xx, t)
+      return jax.tree.map(lambda ab: (lambda c, u: u + w * (c - u))(*_unpair(ab)), out)
+
+    def plain(x):
+      return to_field(net(x, t, y), x, t)
+
+    use_cfg = (w > 1.0) & (lo <= t_guide) & (t_guide <= hi)
+    return jax.lax.cond(use_cfg, guided, plain, x)
+
+  return field
+
+
+def _sde_loop(g: _Grid, field, x0, eps_at):
+  """Euler-Maruyama on the reverse SDE; the last step (to t = 0) is deterministic."""
+  ts, dts, n = g.ts, g.dts, g.num_steps
+
+  def step(i, x):
+    t = ts[i]
+    d = field(x, t, t, sde_drift)
+    return x + d * dts[i] + g.sqrt_g[i] * (eps_at(i) * g.sqrt_dt[i])
+
+  # With num_steps == 1 there is only the deterministic last step (no noise).
+  x = jax.lax.fori_loop(0, n - 1, step, x0) if n > 1 else x0
+  return x + dts[n - 1] * field(x, ts[n - 1], ts[n - 1], sde_drift)
+
+
+def _euler_loop(g: _Grid, field, x0):
+  def step(i, x):
+    return x + g.dts[i] * field(x, g.ts[i], g.ts[i], _identity)
+
+  return jax.lax.fori_loop(0, g.num_steps, step, x0)
+
+
+def _heun_loop(g: _Grid, field, x0):
+  """num_steps - 1 predictor-corrector steps, then one Euler step to t = 0."""
+  ts, dts, n = g.ts, g.dts, g.num_steps
+
+  def step(i, x):
+    t, t_next, dt = ts[i], ts[i + 1], dts[i]
+    v = field(x, t, t, _identity)
+    x_pred = x + dt * v
+    v_next = field(x_pred, t_next, t, _identity)
+    return x + dt * (0.5 * v + 0.5 * v_next)
+
+  x = jax.lax.fori_loop(0, n - 1, step, x0)
+  return x + dts[n - 1] * field(x, ts[n - 1], ts[n - 1], _identity)
+
+
+def _adams_bashforth_loop(g: _Grid, field, x0, order: int):
+  coef = _f32(multistep_coefficients(g.ts64, order))
+
+  def step(i, carry):
+    x, hist = carry  # hist: the previous order - 1 velocities, newest first
+    v = field(x, g.ts[i], g.ts[i], _identity)
+    inc = coef[i, 0] * v
+    for k in range(1, order):
+      inc = inc + coef[i, k] * hist[k - 1]
+    return x + inc, jnp.concatenate([v[None], hist[:-1]])
+
+  hist0 = jnp.zeros((order - 1,) + x0.shape, jnp.float32)
+  return jax.lax.fori_loop(0, g.num_steps, step, (x0, hist0))[0]
+
+
+def _dpm2m_loop(g: _Grid, field, x0):
+  kcoef = _f32(dpm2m_coefficients(g.ts64))
+
+  def step(i, carry):
+    x, d_prev = carry  # d_prev: the previous step's data prediction x - t v
+    v = field(x, g.ts[i], g.ts[i], _identity)
+    d = x - g.ts[i] * v
+    return x + g.dts[i] * v + kcoef[i] * (d - d_prev), d
+
+  return jax.lax.fori_loop(0, g.num_steps, step, (x0, jnp.zeros_like(x0)))[0]
+
+
+def _accel_loop(g: _Grid, field, x0, model, params, sampler: str):
+  """``x + v dt + a dt^2 / 2`` with the heads ``ACCEL_SAMPLERS[sampler]`` pairs."""
+  pairing, history = ACCEL_SAMPLERS[sampler]
+  n = g.num_steps
+  dt64 = g.ts64[1:] - g.ts64[:-1]
+  half_dt2 = _f32(0.5 * dt64**2)
+  # Acceleration used at step i: learned * ca[i] + (v_i - v_{i-1}) * cf[i].
+  ca64, cf64 = np.ones(n), np.zeros(n)
+  if history == "ab2":
+    ca64[1:] = 0.0
+    cf64[1:] = 1.0 / dt64[:-1]
+  ca, cf = _f32(ca64), _f32(cf64)
+
+  def heads(x, t, labels_):
+    tt = jnp.full((x.shape[0],), t, jnp.float32)
+    vs, accs = model.apply({"params": params}, x, tt, labels_,
+                           method=model.velocity_and_acceleration)
+    v, a = accel_pair(vs, accs, pairing)
+    return v.astype(jnp.float32), a.astype(jnp.float32)
+
+  def step(i, carry):
+    x, v_prev = carry
+    v, a = field(x, g.ts[i], g.ts[i], _identity, net=heads)
+    a_hat = ca[i] * a + cf[i] * (v - v_prev) if history else a
+    return x + g.dts[i] * v + half_dt2[i] * a_hat, v
+
+  return jax.lax.fori_loop(0, n, step, (x0, jnp.zeros_like(x0)))[0]
+
+
+def _noise_at(noise, noise_input: bool, shape):
+  """``eps_at(i)``: step ``i``'s Gaussian draws, given (``noise_input``) or from per-sample keys."""
+  if noise_input:
+    return lambda i: jnp.asarray(jax.lax.dynamic_index_in_dim(noise, i, 0, keepdims=False),
+                                 jnp.float32)
+  return lambda i: jax.vmap(
+      lambda k: jax.random.normal(jax.random.fold_in(k, i), shape, jnp.float32))(noise)
+
+
+def make_sampler(model, settings: SamplerSettings, *,
+                 noise_input: bool = False) -> Callable[..., jax.Array]:
+  """The sampler of ``settings`` as a pure, un-jitted function.
 
   Returns ``f(params, latents, labels, noise, cfg_scale, guidance_low,
   guidance_high) -> samples`` with ``latents`` (N, H, W, C) float32, ``labels``
-  (N,) int32, scalars as float32 arrays, and ``noise``:
+  (N,) int32, scalars as float32 arrays (``settings.guidance()``), and ``noise``:
 
   * ``noise_input=False``: per-sample typed PRNG keys (N,); step ``i`` of sample
     ``n`` uses ``normal(fold_in(keys[n], i), (H, W, C))``, so a sample's noise
@@ -352,166 +573,53 @@ def make_sampler(model, sampler: str = "sde", num_steps: int = 250, *,
   * ``noise_input=True``: the Gaussian draws themselves, (num_steps - 1, N, H, W, C);
   * ignored (pass ``None``) by every sampler but ``sde``.
 
-  ``grid``, ``grid_shift``, ``grid_rho``: the time grid (``time_grid``). The
-  ``model`` needs ``num_classes`` and ``apply`` with ``method=model.velocity``
-  (``accel*``: ``method=model.velocity_and_acceleration`` and ``df_idxs``).
+  Only the compile-time part of ``settings`` (sampler, steps, grid) is used
+  here; the guidance values are the traced arguments. The ``model`` needs
+  ``num_classes`` and ``apply`` with ``method=model.velocity`` (``accel*``:
+  ``method=model.velocity_and_acceleration`` and ``df_idxs``).
   """
-  _check_sampler(sampler, num_steps)
-  problems = accel_problems(model, sampler)
-  if problems:
-    raise UserError(problems[0])
-  ts64 = time_grid(sampler, num_steps, grid, grid_shift=grid_shift, grid_rho=grid_rho)
-  dt64 = ts64[1:] - ts64[:-1]
-  ts, dts = _f32(ts64), _f32(dt64)
-  sqrt_g = _f32(np.sqrt(2.0 * ts64))  # sqrt(diffusion) = sqrt(2 t)
-  sqrt_dt = _f32(np.sqrt(np.abs(dt64)))
-  null = int(model.num_classes)
+  settings.check(model)
+  sampler = settings.sampler
+  grid = _Grid.of(settings)
 
   def f(params, latents, labels, noise, cfg_scale, guidance_low, guidance_high):
     x0 = jnp.asarray(latents, jnp.float32)
-    y = jnp.asarray(labels, jnp.int32)
-    w = jnp.asarray(cfg_scale, jnp.float32)
-    lo = jnp.asarray(guidance_low, jnp.float32)
-    hi = jnp.asarray(guidance_high, jnp.float32)
-    y_pair = _pair(y, jnp.full_like(y, null))
-
-    def velocity(x, t, labels_):
-      tt = jnp.full((x.shape[0],), t, jnp.float32)
-      v = model.apply({"params": params}, x, tt, labels_, method=model.velocity)
-      return v.astype(jnp.float32)
-
-    def field(x, t, t_guide, to_field, net=velocity):
-      """to_field(net(x, t), x, t) (drift, velocity, ...), guided when t_guide is in the interval.
-
-      ``net`` returns an array or a pytree of arrays; guidance combines every leaf.
-      """
-
-      def guided(x):
-        xx = _pair(x, x)
-        out = to_field(net(xx, t, y_pair), xx, t)
-        return jax.tree.map(lambda ab: (lambda c, u: u + w * (c - u))(*_unpair(ab)), out)
-
-      def plain(x):
-        return to_field(net(x, t, y), x, t)
-
-      use_cfg = (w > 1.0) & (lo <= t_guide) & (t_guide <= hi)
-      return jax.lax.cond(use_cfg, guided, plain, x)
-
+    field = _make_field(model, params, labels, cfg_scale, guidance_low, guidance_high)
     if sampler == "sde":
-      if noise_input:
-        def eps_at(i):
-          return jnp.asarray(jax.lax.dynamic_index_in_dim(noise, i, 0, keepdims=False),
-                         jnp.float32)
-      else:
-        keys = noise
-
-        def eps_at(i):
-          return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x0.shape[1:],
-                                                      jnp.float32))(keys)
-
-      def step(i, x):
-        t = ts[i]
-        d = field(x, t, t, sde_drift)
-        return x + d * dts[i] + sqrt_g[i] * (eps_at(i) * sqrt_dt[i])
-
-      # With num_steps == 1 there is only the deterministic last step (no noise).
-      x = jax.lax.fori_loop(0, num_steps - 1, step, x0) if num_steps > 1 else x0
-      last = num_steps - 1
-      return x + dts[last] * field(x, ts[last], ts[last], sde_drift)
-
-    identity = lambda v, x, t: v
-
+      return _sde_loop(grid, field, x0, _noise_at(noise, noise_input, x0.shape[1:]))
     if sampler == "euler":
-      def step(i, x):
-        return x + dts[i] * field(x, ts[i], ts[i], identity)
-
-      return jax.lax.fori_loop(0, num_steps, step, x0)
-
+      return _euler_loop(grid, field, x0)
+    if sampler == "heun":
+      return _heun_loop(grid, field, x0)
     if sampler in ("ab2", "ab3"):
-      order = MULTISTEP_ORDER[sampler]
-      coef = _f32(multistep_coefficients(ts64, order))
-
-      def ab_step(i, carry):
-        x, hist = carry  # hist: the previous order - 1 velocities, newest first
-        v = field(x, ts[i], ts[i], identity)
-        inc = coef[i, 0] * v
-        for k in range(1, order):
-          inc = inc + coef[i, k] * hist[k - 1]
-        return x + inc, jnp.concatenate([v[None], hist[:-1]])
-
-      hist0 = jnp.zeros((order - 1,) + x0.shape, jnp.float32)
-      return jax.lax.fori_loop(0, num_steps, ab_step, (x0, hist0))[0]
-
+      return _adams_bashforth_loop(grid, field, x0, MULTISTEP_ORDER[sampler])
     if sampler == "dpm2m":
-      kcoef = _f32(dpm2m_coefficients(ts64))
-
-      def dpm_step(i, carry):
-        x, d_prev = carry  # d_prev: the previous step's data prediction x - t v
-        v = field(x, ts[i], ts[i], identity)
-        d = x - ts[i] * v
-        return x + dts[i] * v + kcoef[i] * (d - d_prev), d
-
-      return jax.lax.fori_loop(0, num_steps, dpm_step, (x0, jnp.zeros_like(x0)))[0]
-
-    if sampler in ACCEL_SAMPLERS:
-      pairing, history = ACCEL_SAMPLERS[sampler]
-      half_dt2 = _f32(0.5 * dt64**2)
-      # Acceleration used at step i: learned * ca[i] + (v_i - v_{i-1}) * cf[i].
-      ca64, cf64 = np.ones(num_steps), np.zeros(num_steps)
-      if history == "ab2":
-        ca64[1:] = 0.0
-        cf64[1:] = 1.0 / dt64[:-1]
-      ca, cf = _f32(ca64), _f32(cf64)
-
-      def heads(x, t, labels_):
-        tt = jnp.full((x.shape[0],), t, jnp.float32)
-        vs, accs = model.apply({"params": params}, x, tt, labels_,
-                               method=model.velocity_and_acceleration)
-        v, a = accel_pair(vs, accs, pairing)
-        return v.astype(jnp.float32), a.astype(jnp.float32)
-
-      def accel_step(i, carry):
-        x, v_prev = carry
-        v, a = field(x, ts[i], ts[i], identity, net=heads)
-        a_hat = ca[i] * a + cf[i] * (v - v_prev) if history else a
-        return x + dts[i] * v + half_dt2[i] * a_hat, v
-
-      return jax.lax.fori_loop(0, num_steps, accel_step, (x0, jnp.zeros_like(x0)))[0]
-
-    # heun: num_steps - 1 predictor-corrector steps, then one Euler step to t = 0.
-    def heun_step(i, x):
-      t, t_next, dt = ts[i], ts[i + 1], dts[i]
-      v = field(x, t, t, identity)
-      x_pred = x + dt * v
-      v_next = field(x_pred, t_next, t, identity)
-      return x + dt * (0.5 * v + 0.5 * v_next)
-
-    x = jax.lax.fori_loop(0, num_steps - 1, heun_step, x0)
-    last = num_steps - 1
-    return x + dts[last] * field(x, ts[last], ts[last], identity)
+      return _dpm2m_loop(grid, field, x0)
+    return _accel_loop(grid, field, x0, model, params, sampler)
 
   return f
 
 
-def jitted_sampler(model, sampler: str, num_steps: int, noise_input: bool = False,
-                   grid: Optional[str] = None, grid_shift: float = DEFAULT_GRID_SHIFT,
-                   grid_rho: float = DEFAULT_GRID_RHO):
-  """``jax.jit(make_sampler(...))``, cached per (model, sampler, num_steps, noise_input, grid).
+def jitted_sampler(model, settings: SamplerSettings, noise_input: bool = False):
+  """``jax.jit(make_sampler(...))``, cached per model, ``settings.compile_key()`` and noise mode.
 
   The grid is keyed canonically (the default grid by its name, a grid's
-  parameter only where it is used), so equal grids share one compilation.
+  parameter only where it is used), so equal grids share one compilation, and
+  the guidance values are traced, so they share it too.
   """
-  _check_sampler(sampler, num_steps)
-  grid, param = _grid_key(sampler, grid, grid_shift, grid_rho)
-  return _jitted_sampler(model, sampler, int(num_steps), bool(noise_input), grid, param)
+  settings.check(model)
+  return _jitted_sampler(model, settings.compile_key(), bool(noise_input))
+
+
+def _settings_from_key(key: tuple[str, int, str, Optional[float]]) -> SamplerSettings:
+  sampler, num_steps, grid, param = key
+  kw = {"shifted": {"grid_shift": param}, "poly": {"grid_rho": param}}.get(grid, {})
+  return SamplerSettings(sampler, num_steps, grid, **kw)
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_sampler(model, sampler: str, num_steps: int, noise_input: bool, grid: str,
-                    param: Optional[float]):
-  kw = {"shifted": {"grid_shift": param}, "poly": {"grid_rho": param}}.get(grid, {})
-  return jax.jit(make_sampler(model, sampler, num_steps, noise_input=noise_input, grid=grid,
-                              **kw))
+def _jitted_sampler(model, key, noise_input: bool):
+  return jax.jit(make_sampler(model, _settings_from_key(key), noise_input=noise_input))
 
 
 def _as_keys(rng, n: int) -> jax.Array:
@@ -526,11 +634,8 @@ def _as_keys(rng, n: int) -> jax.Array:
   return rng
 
 
-def sample(model, params, latents, labels, *, sampler: str = "sde", num_steps: int = 250,
-           cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
-           rng: Optional[Any] = None, noise: Optional[Any] = None, grid: Optional[str] = None,
-           grid_shift: float = DEFAULT_GRID_SHIFT,
-           grid_rho: float = DEFAULT_GRID_RHO) -> jax.Array:
+def sample(model, params, latents, labels, settings: SamplerSettings = SamplerSettings(), *,
+           rng: Optional[Any] = None, noise: Optional[Any] = None) -> jax.Array:
   """Draws samples; returns the final state (N, H, W, C) float32 (NHWC).
 
   Args:
@@ -538,23 +643,15 @@ def sample(model, params, latents, labels, *, sampler: str = "sde", num_steps: i
     params: its parameters (e.g. EMA weights).
     latents: the starting noise at t = 1, (N, H, W, C).
     labels: (N,) class ids in ``[0, num_classes]`` (``num_classes`` = null label).
-    sampler: one of ``SAMPLERS``: ``"sde"`` (the reference's Euler-Maruyama),
-      the ODE solvers ``"euler"``, ``"heun"``, ``"ab2"``, ``"ab3"``,
-      ``"dpm2m"``, or the acceleration-aware ``"accel"``, ``"accel-own"``,
-      ``"accel-ab2"``; see the module docstring for steps and NFE.
-    num_steps: number of grid intervals (static: a new value compiles anew).
-    cfg_scale: guidance scale ``w``; ``w <= 1`` disables guidance (as the reference).
-    guidance_low, guidance_high: guidance is applied on steps whose start time
-      ``t_cur`` satisfies ``guidance_low <= t_cur <= guidance_high``.
+    settings: the sampler, its steps and grid, and guidance (``SamplerSettings``;
+      default: the reference's SDE at 250 steps, no guidance).
     rng: for ``sde``: a PRNG key (split into one key per sample) or N per-sample
       keys; unused by the other samplers.
     noise: for ``sde``: the Gaussian draws (num_steps - 1, N, H, W, C) to use
       instead of ``rng`` (e.g. a reference run's noise).
-    grid: one of ``GRIDS`` or None for the sampler's default (``reference``
-      for ``sde``, ``uniform`` otherwise); static.
-    grid_shift: ``s`` of the ``shifted`` grid; grid_rho: ``rho`` of ``poly``.
   """
-  _check_sampler(sampler, num_steps)
+  settings.check(model)
+  sampler, num_steps = settings.sampler, int(settings.num_steps)
   latents = jnp.asarray(latents, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   h, c = model.input_size, model.in_channels
@@ -577,9 +674,8 @@ def sample(model, params, latents, labels, *, sampler: str = "sde", num_steps: i
       raise ValueError("the sde sampler needs rng (a PRNG key) or noise")
   else:
     noise = None
-  fn = jitted_sampler(model, sampler, int(num_steps), noise_input, grid, grid_shift, grid_rho)
-  scalars = [jnp.asarray(v, jnp.float32) for v in (cfg_scale, guidance_low, guidance_high)]
-  return fn(params, latents, labels, noise, *scalars)
+  fn = jitted_sampler(model, settings, noise_input)
+  return fn(params, latents, labels, noise, *settings.guidance())
 
 
 # ---------------------------------------------------------------------------
@@ -587,14 +683,14 @@ def sample(model, params, latents, labels, *, sampler: str = "sde", num_steps: i
 # ---------------------------------------------------------------------------
 
 
-def sample_inputs(model, seed: int, indices: jax.Array, labels_mode: str = "cycle"):
+def sample_inputs(model, seed, indices: jax.Array, labels_mode: str = "cycle"):
   """(latents (B,H,W,C), labels (B,), per-step noise keys (B,)) from (seed, index) alone.
 
   Sample ``i`` uses ``k = fold_in(key(seed), i)`` split into three keys: its
   starting noise ``normal(k0, (H, W, C))``, its per-step SDE noise keys ``k1``
   and, with ``labels_mode="random"``, its label ``randint(k2, 0, num_classes)``
   (``"cycle"``: ``i mod num_classes``). Nothing depends on the batch a sample
-  lands in.
+  lands in. ``seed`` may be traced.
   """
   if labels_mode not in LABEL_MODES:
     raise ValueError(f"labels_mode must be one of {LABEL_MODES}, got {labels_mode!r}")
@@ -610,29 +706,33 @@ def sample_inputs(model, seed: int, indices: jax.Array, labels_mode: str = "cycl
   return latents, labels, parts[:, 1]
 
 
-def make_batch_sampler(model, mesh: Mesh, *, sampler: str = "sde", num_steps: int = 250,
-                       seed: int = 0, labels_mode: str = "cycle", grid: Optional[str] = None,
-                       grid_shift: float = DEFAULT_GRID_SHIFT,
-                       grid_rho: float = DEFAULT_GRID_RHO):
-  """A jitted, data-parallel ``f(params, indices, labels, cfg_scale, low, high) -> (x, y)``.
+def make_batch_sampler(model, mesh: Mesh, settings: SamplerSettings, labels_mode: str = "cycle"):
+  """A jitted, data-parallel ``f(params, seed, indices, labels, cfg_scale, low, high) -> (x, y)``.
 
-  ``indices`` (B,) int32 are global sample indices (their noise comes from
-  ``(seed, index)``, see ``sample_inputs``); ``labels`` (B,) int32 are used when
-  ``labels_mode="given"``, otherwise ignored and derived from the index. ``B``
-  must be a multiple of ``mesh.size``; the batch is sharded over the mesh's
-  first axis and the parameters replicated. Returns the final states ``x``
-  (B, H, W, C) float32 and the labels ``y``, both sharded like the batch.
-  ``grid``, ``grid_shift``, ``grid_rho``: the time grid (``time_grid``).
+  ``seed`` is an int32 scalar; ``indices`` (B,) int32 are global sample indices
+  (their noise comes from ``(seed, index)``, see ``sample_inputs``); ``labels``
+  (B,) int32 are used when ``labels_mode="given"``, otherwise ignored and
+  derived from the index. ``B`` must be a multiple of ``mesh.size``; the batch
+  is sharded over the mesh's axes and the parameters replicated. Returns the
+  final states ``x`` (B, H, W, C) float32 and the labels ``y``, both sharded
+  like the batch. Cached per (model, mesh, ``settings.compile_key()``,
+  ``labels_mode``): seed and guidance values are traced, so batch after batch
+  and run after run share one compilation per shape.
   """
   if labels_mode not in LABEL_MODES + ("given",):
     raise ValueError(f"labels_mode must be one of {LABEL_MODES + ('given',)}, got {labels_mode!r}")
-  sample_fn = make_sampler(model, sampler, num_steps, grid=grid, grid_shift=grid_shift,
-                           grid_rho=grid_rho)
-  uses_noise = num_noise_draws(sampler, num_steps) > 0
+  settings.check(model)
+  return _batch_sampler(model, mesh, settings.compile_key(), labels_mode)
+
+
+@functools.lru_cache(maxsize=32)
+def _batch_sampler(model, mesh: Mesh, key, labels_mode: str):
+  sample_fn = make_sampler(model, _settings_from_key(key))
+  uses_noise = num_noise_draws(key[0], key[1]) > 0
   data = NamedSharding(mesh, P(mesh.axis_names))
   repl = shd.replicated(mesh)
 
-  def generate(params, indices, labels, cfg_scale, low, high):
+  def generate(params, seed, indices, labels, cfg_scale, low, high):
     mode = "cycle" if labels_mode == "given" else labels_mode
     z, y, keys = sample_inputs(model, seed, indices, mode)
     if labels_mode == "given":
@@ -640,7 +740,7 @@ def make_batch_sampler(model, mesh: Mesh, *, sampler: str = "sde", num_steps: in
     x = sample_fn(params, z, y, keys if uses_noise else None, cfg_scale, low, high)
     return x, y
 
-  return jax.jit(generate, in_shardings=(repl, data, data, repl, repl, repl),
+  return jax.jit(generate, in_shardings=(repl, repl, data, data, repl, repl, repl),
                  out_shardings=(data, data))
 
 
@@ -648,14 +748,10 @@ class StopSampling(Exception):
   """``sample_many`` was asked to stop (``should_stop``) before it finished."""
 
 
-def sample_many(model, params, labels: Sequence[int], *, seed: int = 0,
-                per_device_batch: int = 16, mesh: Optional[Mesh] = None, sampler: str = "sde",
-                num_steps: int = 250, cfg_scale: float = 1.0, guidance_low: float = 0.0,
-                guidance_high: float = 1.0, start_index: int = 0,
-                progress: Optional[str] = None,
-                should_stop: Optional[Callable[[], bool]] = None, grid: Optional[str] = None,
-                grid_shift: float = DEFAULT_GRID_SHIFT,
-                grid_rho: float = DEFAULT_GRID_RHO) -> np.ndarray:
+def sample_many(model, params, labels: Sequence[int], settings: SamplerSettings, *,
+                seed: int = 0, per_device_batch: int = 16, mesh: Optional[Mesh] = None,
+                start_index: int = 0, progress: Optional[str] = None,
+                should_stop: Optional[Callable[[], bool]] = None) -> np.ndarray:
   """Samples for ``labels`` in data-parallel batches; numpy (N, H, W, C) float32 on every process.
 
   Sample ``k`` gets index ``start_index + k``: its starting noise and SDE
@@ -666,17 +762,15 @@ def sample_many(model, params, labels: Sequence[int], *, seed: int = 0,
   ``progress`` names a progress line (rate, ETA) printed by process 0.
   ``should_stop()`` is asked after every batch; when it says so, sampling stops
   and ``StopSampling`` is raised (e.g. SIGTERM during a long end-of-run phase).
-  ``grid``, ``grid_shift``, ``grid_rho``: the time grid (``time_grid``).
   """
   mesh = mesh if mesh is not None else shd.data_mesh()
   labels = np.asarray(labels, np.int32).reshape(-1)
   n = len(labels)
   batch = int(per_device_batch) * mesh.size
-  fn = make_batch_sampler(model, mesh, sampler=sampler, num_steps=num_steps, seed=seed,
-                          labels_mode="given", grid=grid, grid_shift=grid_shift,
-                          grid_rho=grid_rho)
+  fn = make_batch_sampler(model, mesh, settings, labels_mode="given")
   params = jax.device_put(params, shd.replicated(mesh))
-  scalars = [jnp.asarray(v, jnp.float32) for v in (cfg_scale, guidance_low, guidance_high)]
+  scalars = settings.guidance()
+  seed_arr = jnp.asarray(seed, jnp.int32)
   data = NamedSharding(mesh, P(mesh.axis_names))
   bar = None
   if progress:
@@ -690,7 +784,7 @@ def sample_many(model, params, labels: Sequence[int], *, seed: int = 0,
     lab[:count] = labels[start:start + count]  # the tail past `count` is padding
     idx_arr = jax.make_array_from_callback((batch,), data, lambda s, a=idx: a[s])
     lab_arr = jax.make_array_from_callback((batch,), data, lambda s, a=lab: a[s])
-    x, _ = fn(params, idx_arr, lab_arr, *scalars)
+    x, _ = fn(params, seed_arr, idx_arr, lab_arr, *scalars)
     out.append(shd.host_array(x)[:count])
     if bar is not None:
       bar.update(count)

@@ -21,6 +21,7 @@ import pytest
 from conftest import nhwc
 from deepflow_jax import sampling
 from deepflow_jax.models import DeepFlow
+from deepflow_jax.sampling import SamplerSettings as S
 
 ATOL = 2e-5
 N = 3  # conditional rows of the golden sampler runs
@@ -33,16 +34,16 @@ def _golden_noise(golden, name, n=N):
 
 def _sde(tiny2t, golden, cfg, high, noise_name, guidance_low=0.0):
   model, params = tiny2t
+  settings = S("sde", 6, cfg_scale=cfg, guidance_low=guidance_low, guidance_high=high)
   return np.asarray(sampling.sample(
-      model, params, nhwc(golden["sampler_latents"]), golden["sampler_y"], sampler="sde",
-      num_steps=6, cfg_scale=cfg, guidance_low=guidance_low, guidance_high=high,
+      model, params, nhwc(golden["sampler_latents"]), golden["sampler_y"], settings,
       noise=_golden_noise(golden, noise_name)))
 
 
 def test_time_grid_matches_reference(golden):
-  np.testing.assert_allclose(sampling.time_grid("sde", 6), golden["sampler_t_steps"], rtol=0,
+  np.testing.assert_allclose(sampling.time_grid(S("sde", 6)), golden["sampler_t_steps"], rtol=0,
                              atol=1e-15)
-  np.testing.assert_allclose(sampling.time_grid("heun", 4), [1, 0.75, 0.5, 0.25, 0])
+  np.testing.assert_allclose(sampling.time_grid(S("heun", 4)), [1, 0.75, 0.5, 0.25, 0])
 
 
 def test_sde_matches_reference_without_cfg(tiny2t, golden):
@@ -93,8 +94,8 @@ def test_heun_few_steps_agrees_with_euler_many_steps(tiny2t, golden):
   """
   model, params = tiny2t
   z, y = nhwc(golden["sampler_latents"]), golden["sampler_y"]
-  heun = np.asarray(sampling.sample(model, params, z, y, sampler="heun", num_steps=16))
-  euler = np.asarray(sampling.sample(model, params, z, y, sampler="euler", num_steps=2000))
+  heun = np.asarray(sampling.sample(model, params, z, y, S("heun", 16)))
+  euler = np.asarray(sampling.sample(model, params, z, y, S("euler", 2000)))
   assert np.abs(heun - euler).max() < 2e-2
   # Not vacuous: the samples are far from the starting noise and from a 1-step Euler guess.
   assert np.abs(heun - z).max() > 1.0
@@ -107,20 +108,19 @@ def test_no_recompilation_for_new_scale_interval_labels_latents(tiny2t):
   model, params = tiny2t
   rng = np.random.default_rng(0)
   steps = 3  # a (sampler, num_steps) no other test uses
-  fn = sampling.jitted_sampler(model, "sde", steps, False)
+  fn = sampling.jitted_sampler(model, S("sde", steps))
 
   def run(cfg, low, high, seed):
     z = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
     y = rng.integers(0, 10, size=2)
-    return np.asarray(sampling.sample(model, params, z, y, num_steps=steps, cfg_scale=cfg,
-                                      guidance_low=low, guidance_high=high,
-                                      rng=jax.random.key(seed)))
+    settings = S("sde", steps, cfg_scale=cfg, guidance_low=low, guidance_high=high)
+    return np.asarray(sampling.sample(model, params, z, y, settings, rng=jax.random.key(seed)))
 
   outs = [run(1.0, 0.0, 1.0, 0), run(4.0, 0.0, 0.7, 1), run(2.5, 0.3, 1.0, 2), run(7, 0, 1, 3)]
   assert fn._cache_size() == 1  # one compilation for all four  # pylint: disable=protected-access
   assert all(np.isfinite(o).all() for o in outs)
   # Integer scale / a raw uint32 key also reuse the compiled loop.
-  sampling.sample(model, params, np.zeros((2, 8, 8, 4)), [1, 2], num_steps=steps, cfg_scale=3,
+  sampling.sample(model, params, np.zeros((2, 8, 8, 4)), [1, 2], S("sde", steps, cfg_scale=3),
                   rng=jax.random.PRNGKey(5))
   assert fn._cache_size() == 1  # pylint: disable=protected-access
 
@@ -130,8 +130,8 @@ def test_per_sample_noise_does_not_depend_on_the_batch(tiny2t):
   z = np.random.default_rng(1).standard_normal((4, 8, 8, 4)).astype(np.float32)
   keys = jax.random.split(jax.random.key(3), 4)
   y = np.array([1, 2, 3, 4])
-  whole = sampling.sample(model, params, z, y, num_steps=2, rng=keys)
-  part = sampling.sample(model, params, z[2:], y[2:], num_steps=2, rng=keys[2:])
+  whole = sampling.sample(model, params, z, y, S("sde", 2), rng=keys)
+  part = sampling.sample(model, params, z[2:], y[2:], S("sde", 2), rng=keys[2:])
   # Same keys -> same noise; batch-shape-dependent float32 kernels allow ~1e-6.
   np.testing.assert_allclose(whole[2:], part, atol=1e-4, rtol=0)
 
@@ -198,11 +198,11 @@ def test_bad_arguments():
   model = DeepFlow(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2,
                    num_heads=2, num_classes=10, df_idxs=(1,), projector_dim=32)
   z, y = np.zeros((2, 8, 8, 4)), np.zeros((2,), np.int32)
-  with pytest.raises(ValueError, match="unknown sampler"):
-    sampling.sample(model, {}, z, y, sampler="ddim")
+  with pytest.raises(ValueError, match="sampler='ddim' is not one of sde, euler"):
+    sampling.sample(model, {}, z, y, S("ddim"))
   with pytest.raises(ValueError, match="rng"):
-    sampling.sample(model, {}, z, y, num_steps=4)
+    sampling.sample(model, {}, z, y, S("sde", 4))
   with pytest.raises(ValueError, match="noise must have shape"):
-    sampling.sample(model, {}, z, y, num_steps=4, noise=np.zeros((4, 2, 8, 8, 4)))
+    sampling.sample(model, {}, z, y, S("sde", 4), noise=np.zeros((4, 2, 8, 8, 4)))
   with pytest.raises(ValueError, match="NHWC"):
-    sampling.sample(model, {}, np.zeros((2, 4, 8, 8)), y, sampler="euler", num_steps=4)
+    sampling.sample(model, {}, np.zeros((2, 4, 8, 8)), y, S("euler", 4))

@@ -19,6 +19,7 @@ Cost: ~72 s of CPU time (user) on the shared 2-core machine, mostly XLA compilat
 (one per sampler and step count); wall time measured 238 s while that machine was
 fully loaded by other jobs (the 8-device subprocess ~90 s and the tiny2t test ~65 s of it).
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -34,6 +35,7 @@ from conftest import nhwc
 from deepflow_jax import sampling
 from deepflow_jax.errors import UserError
 from deepflow_jax.models import DeepFlow
+from deepflow_jax.sampling import SamplerSettings as Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEANS = np.array([0.5, -1.0, 2.0, 0.0], np.float32)  # classes 0..2, then the null label
@@ -78,9 +80,13 @@ def _z(n=3, seed=0):
   return np.random.default_rng(seed).standard_normal((n, 4, 4, 1)).astype(np.float32)
 
 
-def _run(sampler, steps, z, y, grid=None, **kw):
-  return np.asarray(sampling.sample(STANDIN, PARAMS, z, y, sampler=sampler, num_steps=steps,
-                                    grid=grid, **kw))
+def _grid_kw(grid, param):
+  return {"shifted": {"grid_shift": param}, "poly": {"grid_rho": param}}.get(grid, {})
+
+
+def _run(sampler, steps, z, y, grid=None, noise=None, **kw):
+  settings = Settings(sampler, steps, grid or "", **kw)
+  return np.asarray(sampling.sample(STANDIN, PARAMS, z, y, settings, noise=noise))
 
 
 def _ode_error(sampler, steps, grid=None):
@@ -160,7 +166,7 @@ def test_multistep_coefficients_integrate_polynomials_exactly():
 
 def test_dpm2m_is_the_textbook_update_on_the_linear_path():
   """Our Euler + k (x0_i - x0_{i-1}) form equals DPM-Solver++(2M) written with alpha, sigma, lambda."""
-  ts = sampling.time_grid("dpm2m", 7, "shifted", grid_shift=2.0)
+  ts = sampling.time_grid(Settings("dpm2m", 7, "shifted", grid_shift=2.0))
   k = sampling.dpm2m_coefficients(ts)
   assert k[0] == 0 and k[1] == 0 and k[-1] == 0 and np.all(k[2:-1] > 0)
   rng = np.random.default_rng(0)
@@ -180,37 +186,43 @@ def test_dpm2m_is_the_textbook_update_on_the_linear_path():
 @pytest.mark.parametrize("grid,param", [("uniform", None), ("shifted", 3.0), ("shifted", 0.5),
                                         ("poly", 2.0), ("poly", 7.0), ("reference", None)])
 def test_grids_endpoints_and_monotonicity(grid, param):
-  kw = {"shifted": {"grid_shift": param}, "poly": {"grid_rho": param}}.get(grid, {})
+  kw = _grid_kw(grid, param)
   for n in (1, 2, 5, 33):
-    ts = sampling.time_grid("euler", n, grid, **kw)
+    ts = sampling.time_grid(Settings("euler", n, grid, **kw))
     assert ts.shape == (n + 1,) and ts.dtype == np.float64
     assert ts[0] == 1.0 and ts[-1] == 0.0
     assert np.all(np.diff(ts) < 0), ts
   if grid == "shifted":  # s > 1 spends more steps near the noise (t = 1), s < 1 near the data
-    ts = sampling.time_grid("euler", 4, grid, **kw)
+    ts = sampling.time_grid(Settings("euler", 4, grid, **kw))
     assert (ts[0] - ts[1] < ts[-2] - ts[-1]) == (param > 1)
 
 
 def test_grid_defaults_and_special_cases():
-  np.testing.assert_array_equal(sampling.time_grid("sde", 6), sampling.time_grid("euler", 6,
-                                                                                 "reference"))
-  assert sampling.time_grid("sde", 6)[-2] == sampling.SDE_T_END
+  grid = lambda *a, **kw: sampling.time_grid(Settings(*a, **kw))
+  np.testing.assert_array_equal(grid("sde", 6), grid("euler", 6, "reference"))
+  assert grid("sde", 6)[-2] == sampling.SDE_T_END
   for s in sampling.SAMPLERS:
     assert sampling.default_grid(s) == ("reference" if s == "sde" else "uniform")
-  u = sampling.time_grid("ab2", 8)
-  np.testing.assert_array_equal(sampling.time_grid("ab2", 8, "shifted", grid_shift=1.0), u)
-  np.testing.assert_allclose(sampling.time_grid("ab2", 8, "poly", grid_rho=1.0), u, atol=0)
-  np.testing.assert_allclose(sampling.time_grid("ab2", 4, "poly", grid_rho=2.0),
+  u = grid("ab2", 8)
+  np.testing.assert_array_equal(grid("ab2", 8, "shifted", grid_shift=1.0), u)
+  np.testing.assert_allclose(grid("ab2", 8, "poly", grid_rho=1.0), u, atol=0)
+  np.testing.assert_allclose(grid("ab2", 4, "poly", grid_rho=2.0),
                              [1, 0.5625, 0.25, 0.0625, 0], atol=1e-15)
-  np.testing.assert_allclose(sampling.time_grid("ab2", 2, "shifted", grid_shift=3.0),
+  np.testing.assert_allclose(grid("ab2", 2, "shifted", grid_shift=3.0),
                              [1, 0.75, 0], atol=1e-15)  # 3 * 0.5 / (1 + 2 * 0.5)
-  for grid, kw in (("shifted", {"grid_shift": 0.0}), ("poly", {"grid_rho": -1.0}),
+  for name, kw in (("shifted", {"grid_shift": 0.0}), ("poly", {"grid_rho": -1.0}),
                    ("poly", {"grid_rho": float("nan")}), ("cosine", {})):
     with pytest.raises(ValueError, match="grid"):
-      sampling.time_grid("euler", 4, grid, **kw)
-  assert sampling.grid_problems("shifted", 0.0, 2.0, prefix="sample.") == [
+      grid("euler", 4, name, **kw)
+  assert Settings("euler", grid="shifted", grid_shift=0.0).problems(prefix="sample.") == [
       "sample.grid_shift=0.0 must be a finite number > 0 for the shifted grid"]
-  assert sampling.grid_problems("uniform", 0.0, -1.0) == []  # unused parameters are ignored
+  assert Settings("euler", grid="uniform", grid_shift=0.0, grid_rho=-1.0).problems() == []
+  # Names are checked with the nearest valid one (what config_lib.validate reports).
+  assert Settings("acel", grid="shifed").problems(prefix="sample.") == [
+      "sample.sampler='acel' is not one of " + ", ".join(sampling.SAMPLERS)
+      + " (did you mean 'accel'?)",
+      "sample.grid='shifed' is not one of " + ", ".join(sampling.GRIDS)
+      + " (or empty for the sampler's default) (did you mean 'shifted'?)"]
 
 
 def test_nfe_accounting():
@@ -261,8 +273,8 @@ def test_cfg_and_interval(sampler):
   # which a model cannot see, so Heun is compared with guidance everywhere instead.
   lo, hi = (0.0, 1.0) if sampler == "heun" else (0.25, 0.5)
   guided = _run(sampler, steps, z, y, cfg_scale=3.0, guidance_low=lo, guidance_high=hi)
-  ref = np.asarray(sampling.sample(_guided_standin(3.0, lo, hi), PARAMS, z, y, sampler=sampler,
-                                   num_steps=steps))
+  ref = np.asarray(sampling.sample(_guided_standin(3.0, lo, hi), PARAMS, z, y,
+                                   Settings(sampler, steps)))
   # Same float32 arithmetic in another order: ~1e-6 on outputs of size ~5.
   np.testing.assert_allclose(guided, ref, atol=1e-5, rtol=0)
   assert np.abs(guided - base).max() > 0.1  # guidance moves the samples
@@ -271,13 +283,13 @@ def test_cfg_and_interval(sampler):
 def test_sde_guidance_matches_guided_model():
   z, y = _z(2, seed=4), np.array([1, 2])
   noise = np.random.default_rng(5).standard_normal((4, 2, 4, 4, 1)).astype(np.float32)
-  kw = dict(num_steps=5, noise=noise, sampler="sde", grid="uniform")
+  plain = Settings("sde", 5, "uniform")
   # grid 1, .8, .6, .4, .2, 0: guided on the steps starting at 0.4 and 0.2.
-  guided = sampling.sample(STANDIN, PARAMS, z, y, cfg_scale=2.0, guidance_low=0.1,
-                           guidance_high=0.45, **kw)
+  guided = sampling.sample(STANDIN, PARAMS, z, y, dataclasses.replace(
+      plain, cfg_scale=2.0, guidance_low=0.1, guidance_high=0.45), noise=noise)
   # The SDE guides the drift v - t s, which is affine in v with the same coefficients for
   # the conditional and unconditional rows, so guiding v inside the model is the same.
-  ref = sampling.sample(_guided_standin(2.0, 0.1, 0.45), PARAMS, z, y, **kw)
+  ref = sampling.sample(_guided_standin(2.0, 0.1, 0.45), PARAMS, z, y, plain, noise=noise)
   np.testing.assert_allclose(guided, ref, atol=1e-5, rtol=0)
 
 
@@ -310,7 +322,7 @@ def test_accel_samplers_on_tiny2t_match_a_restatement(tiny2t, golden):
     x2, _ = step(x1, 0.5, -0.5, pairing, ab2)
     no_acc = step(step(z.astype(np.float64), 1.0, -0.5, pairing, scale=0)[0], 0.5, -0.5, pairing,
                   scale=0)[0]
-    out = np.asarray(sampling.sample(model, params, z, y, sampler=sampler, num_steps=2))
+    out = np.asarray(sampling.sample(model, params, z, y, Settings(sampler, 2)))
     # float32 network and state vs a float64 restatement: ~1e-6 relative on outputs ~5.
     np.testing.assert_allclose(out, x2, atol=2e-5, rtol=0)
     # The acceleration term matters: it moves the result by far more than the tolerance.
@@ -323,8 +335,8 @@ def test_accel_refused_for_sit():
   z, y = np.zeros((2, 8, 8, 1)), np.zeros((2,), np.int32)
   for s in sampling.ACCEL_SAMPLERS:
     with pytest.raises(UserError, match="no splits"):
-      sampling.sample(sit, {}, z, y, sampler=s, num_steps=2)
-  assert sampling.accel_problems(sit, "ab2") == []
+      sampling.sample(sit, {}, z, y, Settings(s, 2))
+  assert Settings("ab2").problems(accel_heads=False) == []
 
 
 _DEVICE_SCRIPT = textwrap.dedent("""
@@ -342,9 +354,10 @@ _DEVICE_SCRIPT = textwrap.dedent("""
       res = []
       for devices in (jax.devices()[:1], jax.devices()):
         mesh = shd.data_mesh(devices)
-        x = sampling.sample_many(STANDIN, PARAMS, labels, seed=7, per_device_batch=32 // mesh.size,
-                                 mesh=mesh, sampler=sampler, num_steps=4, cfg_scale=2.0,
-                                 guidance_low=0.0, guidance_high=0.6, grid=grid)
+        settings = sampling.SamplerSettings(sampler, 4, grid or "", cfg_scale=2.0,
+                                            guidance_low=0.0, guidance_high=0.6)
+        x = sampling.sample_many(STANDIN, PARAMS, labels, settings, seed=7,
+                                 per_device_batch=32 // mesh.size, mesh=mesh)
         res.append(x)
       out[sampler] = [float(np.abs(res[0] - res[1]).max()), float(np.abs(res[0]).max())]
     print(json.dumps(out))
