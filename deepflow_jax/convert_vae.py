@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from deepflow_jax import vae as vae_lib
+from deepflow_jax.models import vae as vae_lib
 from deepflow_jax.errors import ArgumentParser
 from deepflow_jax.errors import cli_main
 

@@ -1,7 +1,7 @@
 """The training job: ``python -m deepflow_jax.main --config=configs/xl3t.py --workdir=DIR``.
 
-Parses the flags and calls ``deepflow_jax.train_loop.train`` (see there for what
-a run does and writes). Every value of the config file can be overridden,
+Parses the flags and calls ``deepflow_jax.training.train`` (``training/loop.py``
+says what a run does; ``deepflow_jax/workdir.py`` what it writes). Every value of the config file can be overridden,
 ``--config.train.num_steps=100``.
 
 Exit status: 0 on success; 2 on a bad flag, config key or value, file or data
@@ -9,8 +9,7 @@ Exit status: 0 on success; 2 on a bad flag, config key or value, file or data
 SIGINT (the state is saved; rerunning resumes). ``DEEPFLOW_DEBUG=1`` shows
 tracebacks instead of one-line errors.
 
-In Python (a notebook): ``deepflow_jax.train_loop.train(config, workdir)``;
-``deepflow_jax.main.run`` is the same function.
+In Python (a notebook): ``deepflow_jax.training.train(config, workdir)``.
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from deepflow_jax.errors import cli_main
 from deepflow_jax.errors import debug
 from deepflow_jax.errors import first_line
 from deepflow_jax.errors import print_error
-from deepflow_jax.train_loop import train as run
+from deepflow_jax.training import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
@@ -106,7 +105,7 @@ def _train(argv) -> int:
     raise UserError("--workdir is required")
   if FLAGS.config is None:
     raise UserError("--config is required (e.g. --config=configs/digits.py)")
-  return run(FLAGS.config, FLAGS.workdir)
+  return train(FLAGS.config, FLAGS.workdir)
 
 
 def main(argv):

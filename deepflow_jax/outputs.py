@@ -127,6 +127,18 @@ def atomic_save_png(path: str, image: np.ndarray, *, compress_level: int | None 
   atomic_write(path, write)
 
 
+def check_file_path(path: str | None, name: str) -> None:
+  """Refuses, before any work, a path that cannot become a file (``name``: the flag or
+  key that gave it, for the message)."""
+  if path is None:
+    return
+  if os.path.isdir(path):
+    raise UserError(f"{name}={path}: is a directory, expected a file path")
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.exists(parent) and not os.path.isdir(parent):
+    raise UserError(f"{name}={path}: {parent} is not a directory")
+
+
 def read_json(path: str) -> Any | None:
   """The JSON document at ``path``; None if there is no file; UserError if it is unreadable."""
   try:

@@ -71,7 +71,6 @@ def _parser() -> ArgumentParser:
                  help="number of independent launches sharing --output (default: JAX's)")
   p.add_argument("--finalize", action="store_true",
                  help="only write the final files of a finished multi-process run in --output")
-  p.add_argument("--stop_after_shards", type=int, default=None, help=argparse.SUPPRESS)
   p.add_argument("--log_every_s", type=float, default=10.0, help=argparse.SUPPRESS)
   return p
 
@@ -124,7 +123,7 @@ def main(argv=None):
       save_images=a.save_images, batch_size=a.batch_size,
       examples_per_shard=a.examples_per_shard, limit=a.limit, num_workers=a.num_workers,
       precision=a.precision, tfds_data_dir=a.tfds_data_dir, process_index=a.process_index,
-      process_count=a.process_count, stop_after_shards=a.stop_after_shards,
+      process_count=a.process_count,
       log_every_s=a.log_every_s)
   return result.exit_status
 

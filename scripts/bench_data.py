@@ -37,8 +37,11 @@ from absl import flags
 from flax import serialization
 from ml_collections import config_flags
 
+from deepflow_jax.data import arrayrecord
+from deepflow_jax.data import config as data_config
 from deepflow_jax.data import pipeline
 from deepflow_jax.data import records
+from deepflow_jax.data import repa
 from deepflow_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -72,8 +75,8 @@ def write_fake_dataset(config, n: int, seed: int = 0) -> str:
     mean = rng.standard_normal((h, h, c), np.float32)
     return mean, np.abs(rng.standard_normal((h, h, c), np.float32)) + 0.1
 
-  if d.name == pipeline.REPA:
-    feat = os.path.join(path, pipeline.REPA_FEATURE_DIR)
+  if d.name == "repa":
+    feat = os.path.join(path, repa.REPA_FEATURE_DIR)
     labels = []
     for i in range(n):
       name = f"{i // 1000:05d}/img-mean-std-{i:08d}.npy"
@@ -81,9 +84,9 @@ def write_fake_dataset(config, n: int, seed: int = 0) -> str:
       mean, std = example()
       np.save(os.path.join(feat, name), np.concatenate([mean, std], -1).transpose(2, 0, 1))
       labels.append([name, i % num_classes])
-    with open(os.path.join(feat, pipeline.REPA_LABEL_FILE), "w") as f:
+    with open(os.path.join(feat, repa.REPA_LABEL_FILE), "w") as f:
       json.dump({"labels": labels}, f)
-  elif d.name == pipeline.ARRAYRECORD:
+  elif d.name == "arrayrecord":
     records.write_latent_dataset(
         path, ((*example(), i % num_classes) for i in range(n)), num_examples=n,
         num_classes=num_classes, num_shards=min(4, n), resolution=8 * h, vae="fake")
@@ -94,17 +97,17 @@ def write_fake_dataset(config, n: int, seed: int = 0) -> str:
 
 def plain_reader(source):
   """The plain single-threaded loop: ``read(indices) -> same arrays as the pipeline``."""
-  if isinstance(source, pipeline.RepaLatentSource):
+  if isinstance(source, repa.RepaLatentSource):
     c = source.latent_shape[-1]
-    paths = [source._path(i) for i in range(len(source))]  # pylint: disable=protected-access
+    paths = [source.file_path(i) for i in range(len(source))]
 
     def read(idx):
       arrs = [np.load(paths[i], allow_pickle=False) for i in idx]
       return {"mean": np.stack([a[:c].transpose(1, 2, 0) for a in arrs]),
               "std": np.stack([a[c:].transpose(1, 2, 0) for a in arrs]),
               "label": source.labels[idx]}
-  elif isinstance(source, pipeline.ArrayRecordLatentSource):
-    ds = source._source  # pylint: disable=protected-access
+  elif isinstance(source, arrayrecord.ArrayRecordLatentSource):
+    ds = source.records
 
     def read(idx):
       recs = [serialization.msgpack_restore(ds[int(i)]) for i in idx]
@@ -166,8 +169,8 @@ def main(argv):
   source = pipeline.make_source(config.data)
   info = source.info
   local = int(t.global_batch_size) // FLAGS.process_count
-  cfg = pipeline._config_dict(config.data)  # pylint: disable=protected-access
-  option = lambda key: pipeline._int_option(cfg, key)  # pylint: disable=protected-access
+  cfg = data_config.resolve(config.data)
+  option = lambda key: data_config.int_option(cfg, key)
   par = pipeline.default_parallelism(
       info.name, pipeline.available_cores(), num_workers=option("num_workers"),
       num_threads=option("num_threads"), prefetch_batches=option("prefetch_batches"))

@@ -1,4 +1,4 @@
-"""Throughput of the frozen DINOv2 encoder (deepflow_jax.encoders.dinov2) for REPA targets.
+"""Throughput of the frozen DINOv2 encoder (deepflow_jax.models.dinov2) for REPA targets.
 
 Builds an official architecture (``--variant``, default ``vitb14`` as the
 reference's SSL runs use) with random weights and the position grid of
@@ -30,7 +30,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from deepflow_jax.encoders import dinov2  # pylint: disable=wrong-import-position
+from deepflow_jax.models import dinov2  # pylint: disable=wrong-import-position
 from bench_vae import data_shardings  # scripts/: the same helpers  # pylint: disable=wrong-import-position
 from bench_vae import time_calls  # pylint: disable=wrong-import-position
 

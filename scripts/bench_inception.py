@@ -1,6 +1,6 @@
 """Images/s of the jitted FID Inception feature extractor on the present backend.
 
-Times ``deepflow_jax.evaluation.inception.make_feature_fn`` (ADM preprocessing:
+Times ``deepflow_jax.models.inception.make_feature_fn`` (ADM preprocessing:
 TF1 bilinear resize to 299, then the network; outputs pool 2048, spatial 2023,
 logits and probs) on uint8 NHWC images, batch-sharded over every device of a
 ``("data",)`` mesh with the parameters replicated, for each per-device batch
@@ -29,7 +29,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
 
-from deepflow_jax.evaluation import inception as inc  # pylint: disable=wrong-import-position
+from deepflow_jax.models import inception as inc  # pylint: disable=wrong-import-position
 from deepflow_jax.sharding import data_mesh  # pylint: disable=wrong-import-position
 
 GFLOP_PER_IMAGE = 11.0  # network at 299x299: 5.5 G multiply-adds (XLA cost analysis: 10.99 GFLOP)

@@ -28,6 +28,7 @@ The last line of output is one JSON object with every number.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -42,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
 from deepflow_jax import sampling
+from deepflow_jax import workdir
 from deepflow_jax.evaluation import digits as digits_eval
 from deepflow_jax.models import loading
 from deepflow_jax.models.presets import get_model
@@ -59,10 +61,7 @@ def rel_diff(a, b) -> dict[str, float]:
 
 
 def digits_part(a) -> dict:
-  cfg = loading.read_workdir_config(a.workdir)
-  s = cfg.sample
-  kw = dict(sampler=s.sampler, num_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
-            guidance_low=float(s.guidance_low), guidance_high=float(s.guidance_high))
+  settings = sampling.SamplerSettings.from_config(workdir.read_config(a.workdir).sample)
   cache = os.path.join(a.workdir, "eval", "classifier.msgpack")
   if not os.path.exists(cache):
     cache = None  # trained afresh (seed 0) rather than written into someone's workdir
@@ -73,9 +72,10 @@ def digits_part(a) -> dict:
     images = {}
     for dtype, (model, params) in models.items():
       t0 = time.perf_counter()
-      m, x, _ = digits_eval.sample_and_evaluate(model, params, num_samples=a.num_samples,
-                                                seed=seed, per_device_batch=a.per_device_batch,
-                                                cache_path=cache, **kw)
+      m, x, _ = digits_eval.sample_and_evaluate(model, params, settings,
+                                                num_samples=a.num_samples, seed=seed,
+                                                per_device_batch=a.per_device_batch,
+                                                cache_path=cache)
       images[dtype] = x
       out[dtype] = {"class_accuracy": m["class_accuracy"],
                     "frechet_distance": m["frechet_distance"],
@@ -98,7 +98,7 @@ def digits_part(a) -> dict:
     diffs = [r["bfloat16"][k] - r["float32"][k] for r in rows]
     summary[k]["bf16_minus_f32"] = {"mean": float(np.mean(diffs)), "values": diffs}
   print(json.dumps({"digits_summary": summary}), flush=True)
-  return {"workdir": a.workdir, "sampler": kw, "num_samples": a.num_samples, "seeds": rows,
+  return {"workdir": a.workdir, "sampler": dataclasses.asdict(settings), "num_samples": a.num_samples, "seeds": rows,
           "summary": summary}
 
 
@@ -115,7 +115,7 @@ def _perturbed_random(model, seed: int):
 
 def latents_part(a) -> dict:
   if a.checkpoint:
-    from deepflow_jax.convert import load_torch_checkpoint  # pylint: disable=g-import-not-at-top
+    from deepflow_jax.models.conversion import load_torch_checkpoint  # pylint: disable=g-import-not-at-top
     model, params = load_torch_checkpoint(a.checkpoint, "ema")
     source = a.checkpoint
   else:
@@ -134,8 +134,9 @@ def latents_part(a) -> dict:
       for dtype in (jnp.float32, jnp.bfloat16):
         m = model.clone(dtype=dtype)
         t0 = time.perf_counter()
-        x = sampling.sample(m, params, latents, labels, sampler=name, num_steps=int(steps),
-                            cfg_scale=cfg_scale, rng=jax.random.key(11))
+        x = sampling.sample(m, params, latents, labels,
+                            sampling.SamplerSettings(name, int(steps), cfg_scale=cfg_scale),
+                            rng=jax.random.key(11))
         out[np.dtype(dtype).name] = np.asarray(jax.device_get(x))
         out[np.dtype(dtype).name + "_s"] = round(time.perf_counter() - t0, 2)
       r = {"sampler": name, "steps": int(steps), "cfg_scale": cfg_scale,

@@ -76,7 +76,7 @@ def _model(a):
 def _guided_steps(name, steps, a):
   if a.cfg_scale <= 1:
     return 0
-  ts = sampling.time_grid(name, steps)[:-1]
+  ts = sampling.time_grid(sampling.SamplerSettings(name, steps))[:-1]
   return int(((ts >= a.guidance_low) & (ts <= a.guidance_high)).sum())
 
 
@@ -107,7 +107,7 @@ def main(argv=None):
   for spec in a.samplers.split(","):
     name, steps = spec.split(":")
     steps = int(steps)
-    fn = sampling.make_sampler(model, name, steps)
+    fn = sampling.make_sampler(model, sampling.SamplerSettings(name, steps))
     noise = keys if sampling.num_noise_draws(name, steps) else None
     jitted = jax.jit(fn, in_shardings=(repl, data, data, data if noise is not None else None,
                                        repl, repl, repl), out_shardings=data)

@@ -4,11 +4,11 @@ Runs the training job twice in one fresh workdir, exactly as a user would:
 
 1. **first start**: an empty workdir (so an empty ``WORKDIR/.jax_cache``);
    ``train.num_steps=--num_steps`` (3), a checkpoint every ``--ckpt_every`` (1)
-   steps and ``train.debug_sigkill_at_step=--kill_at`` (2): the job SIGKILLs itself
-   after that step, as a preemption without warning would;
-2. **restart**: the same command without the kill: it resumes from the last
-   checkpoint, loads the compiled train step from the persistent compilation
-   cache and runs to the end.
+   steps; this script SIGKILLs the job as soon as it logs step ``--kill_at`` (2),
+   as a preemption without warning would;
+2. **restart**: the same command: it resumes from the newest checkpoint the
+   first start committed, loads the compiled train step from the persistent
+   compilation cache and runs to the end.
 
 Each run's output lines are time-stamped as they arrive; "to first step" is launch
 to the first progress line (``train.log_every=1``), which is printed after the
@@ -51,8 +51,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 
-def _run(cmd, env, timeout):
-  """Runs ``cmd``; returns (returncode, [(seconds since launch, line)], stderr text)."""
+def _run(cmd, env, timeout, kill_pattern=None):
+  """Runs ``cmd``; returns (returncode, [(seconds since launch, line)], stderr text).
+
+  ``kill_pattern``: SIGKILL the job when a line matches it.
+  """
   lines, err = [], []
   t0 = time.perf_counter()
   p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -62,6 +65,8 @@ def _run(cmd, env, timeout):
   try:
     for line in p.stdout:
       lines.append((time.perf_counter() - t0, line.rstrip("\n")))
+      if kill_pattern is not None and re.search(kill_pattern, line):
+        p.kill()
     p.wait(timeout=timeout)
   except subprocess.TimeoutExpired:
     p.kill()
@@ -108,7 +113,7 @@ def time_init_options(config_path, overrides) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from deepflow_jax import config_lib  # pylint: disable=g-import-not-at-top
   from deepflow_jax import sharding as shd  # pylint: disable=g-import-not-at-top
-  from deepflow_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.training import step as train_lib  # pylint: disable=g-import-not-at-top
   from deepflow_jax.models import loading  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_enable_compilation_cache", False)  # compile both for real
   c = config_lib.load_config(config_path, **overrides)
@@ -170,7 +175,6 @@ def main(argv=None):
     overrides["data.path"] = c.data.path
   if not 0 < a.kill_at < a.num_steps or a.ckpt_every >= a.kill_at:
     raise SystemExit("need 0 < --kill_at < --num_steps and --ckpt_every < --kill_at")
-  resume = (a.kill_at - 1) // a.ckpt_every * a.ckpt_every  # the newest save before the kill
   flags = {"train.num_steps": str(a.num_steps), "train.ckpt_every": str(a.ckpt_every),
            "train.log_every": "1",
            "train.sample_every": "0", "sample.grid_classes": "0", "eval.num_samples": "0",
@@ -181,15 +185,19 @@ def main(argv=None):
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the run's own default: WORKDIR/.jax_cache
   results = {}
   metrics_path = os.path.join(run_dir, "metrics.jsonl")
-  for name, extra, pattern, want_rc, steps in (
-      ("first_start", [f"--config.train.debug_sigkill_at_step={a.kill_at}"], r"^step 1/", -9,
-       (1, a.kill_at)),
-      ("restart", [], rf"^step {resume + 1}/", 0, (resume + 1, a.num_steps))):
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  for name, kill, want_rc in (("first_start", rf"^step {a.kill_at}/", -9),
+                              ("restart", None, 0)):
     seen = 0
     if os.path.exists(metrics_path):
       with open(metrics_path) as f:
         seen = sum(1 for _ in f)
-    rc, lines, err = _run(base + extra, env, a.timeout)
+    # The restart resumes from the newest checkpoint the killed run committed.
+    saved = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    resume = max([int(s) for s in saved if s.isdigit()] or [0])
+    pattern, steps = ((r"^step 1/", (1, a.kill_at)) if kill else
+                      (rf"^step {resume + 1}/", (resume + 1, a.num_steps)))
+    rc, lines, err = _run(base, env, a.timeout, kill_pattern=kill)
     if rc != want_rc:
       print("\n".join(l for _, l in lines[-20:]), err[-3000:], sep="\n")
       raise SystemExit(f"{name}: exit status {rc}, expected {want_rc}")

@@ -1,7 +1,7 @@
 """Train-step throughput: steps/s, images/s, TFLOP/s per device and MFU on the present backend.
 
 Builds the jitted, sharded train step exactly as ``python -m deepflow_jax.main`` does
-(``deepflow_jax.train.Trainer``) on random latents, excludes compilation and warm-up,
+(``deepflow_jax.training.step.Trainer``) on random latents, excludes compilation and warm-up,
 and times ``--steps`` steps.
 
     python scripts/bench_train.py --config=configs/xl3t.py --batch=256 [--dtype=bfloat16]
@@ -48,9 +48,10 @@ import numpy as np
 
 from deepflow_jax import config_lib
 from deepflow_jax import sharding as shd
-from deepflow_jax import train as train_lib
-from deepflow_jax import train_loop
-from deepflow_jax.encoders import dinov2
+from deepflow_jax.training import step as train_lib
+from deepflow_jax.training import alignment
+from deepflow_jax.training import meter
+from deepflow_jax.models import dinov2
 from deepflow_jax.models import loading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,7 +167,7 @@ def find_max_batch(c, model, mesh, latent: bool, a) -> dict:
     try:
       _, dt = _time(_step_timer(trainer, gbatch), 1, 1)
       res.update(verified=True, verify_step_s=round(dt, 3),
-                 verify_peak_gb=round((train_loop.peak_memory_bytes() or 0) / 1e9, 2))
+                 verify_peak_gb=round((meter.peak_memory_bytes() or 0) / 1e9, 2))
       print(f"verified: 2 steps at per-device batch {best} ran ({dt:.2f} s/step, allocator "
             f"peak {res['verify_peak_gb']} GB)", flush=True)
     except Exception as e:  # pylint: disable=broad-except  # out of memory
@@ -237,7 +238,7 @@ def main():
   if ssl:
     if not latent:
       raise SystemExit("--ssl needs a latent config (data.name repa or arrayrecord)")
-    grid = train_lib.alignment_grid(model)
+    grid = alignment.alignment_grid(model)
     if a.encoder:
       encoder, enc_params = dinov2.load_dinov2(
           a.encoder, grid=grid, num_heads=int(c.model.encoder_num_heads) or None,
@@ -260,7 +261,7 @@ def main():
   need = step_memory_bytes(compiled)
   timer = _step_timer(trainer, gbatch, compiled)
   warm, dt = _time(timer, a.warmup, a.steps)
-  device_peak = train_loop.peak_memory_bytes()
+  device_peak = meter.peak_memory_bytes()
   if a.profile_dir:  # after timing, so the trace does not slow the timed steps
     try:
       with jax.profiler.trace(a.profile_dir, create_perfetto_trace=True):
@@ -271,9 +272,9 @@ def main():
     except Exception as e:  # pylint: disable=broad-except  # no profiler support (CUPTI) here
       print(f"profiling failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
-  flops = train_lib.train_flops_per_example(model) * a.batch
+  flops = meter.train_flops_per_example(model) * a.batch
   tflops = flops / dt / jax.device_count() / 1e12
-  peak = train_lib.peak_flops(jax.devices()[0])
+  peak = meter.peak_flops(jax.devices()[0])
   print(f"backend {platform}: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh "
         f"{dict(mesh.shape)}; model {c.model.preset or 'custom'} ({n_params:,} params, "
         f"{model.num_tokens} tokens, dtype {np.dtype(model.dtype).name}); global batch {a.batch}")
@@ -296,15 +297,15 @@ def main():
   if not ssl:
     print(json.dumps(result), flush=True)
     return
-  feats = jax.jit(lambda p, x: train_lib.alignment_features(encoder, p, x),
+  feats = jax.jit(lambda p, x: alignment.alignment_features(encoder, p, x),
                   in_shardings=(shd.replicated(mesh), trainer.batch_shardings["image"]))
   _, enc_dt = _time(lambda: feats(trainer.encoder_params, gbatch["image"]), a.warmup, a.steps)
   print(f"SSL alignment: DINOv2 width {encoder.embed_dim}, depth {encoder.depth}, "
         f"{grid}x{grid} patches of {14 * grid}-pixel inputs from {res}-pixel images")
   enc_flops = _encoder_flops(encoder, res)
   print(f"  analytic: encoder {enc_flops / 1e9:.1f} GFLOP per image (forward), DeepFlow "
-        f"{train_lib.train_flops_per_example(model) / 1e9:.1f} GFLOP per image (train step): the "
-        f"encoder is {100 * enc_flops / (enc_flops + train_lib.train_flops_per_example(model)):.1f}"
+        f"{meter.train_flops_per_example(model) / 1e9:.1f} GFLOP per image (train step): the "
+        f"encoder is {100 * enc_flops / (enc_flops + meter.train_flops_per_example(model)):.1f}"
         "% of the step's FLOPs")
   print(f"  step with alignment   {1e3 * dt:9.1f} ms")
   print(f"  encoder alone         {1e3 * enc_dt:9.1f} ms  ({100 * enc_dt / dt:.1f}% of the step; "

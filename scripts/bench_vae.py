@@ -23,7 +23,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from deepflow_jax import vae as vae_lib  # pylint: disable=wrong-import-position
+from deepflow_jax.models import vae as vae_lib  # pylint: disable=wrong-import-position
 from deepflow_jax.sharding import data_mesh  # pylint: disable=wrong-import-position
 
 

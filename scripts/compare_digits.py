@@ -22,7 +22,8 @@ import time
 
 import numpy as np
 
-from deepflow_jax import train_loop
+from deepflow_jax import sampling
+from deepflow_jax import workdir as workdir_lib
 from deepflow_jax.evaluation import digits as digits_eval
 from deepflow_jax.models import loading
 
@@ -42,12 +43,12 @@ def train(workdir: str, variant: str, seed: int, steps: int, ckpt_every: int, ex
 
 def evaluate(workdir: str, step: int, sample_overrides: dict) -> dict:
   model, params = loading.load_workdir_ema(workdir, step=step)
-  config = loading.read_workdir_config(workdir)
+  config = workdir_lib.read_config(workdir)
   config.sample.update(sample_overrides)
   metrics, _, _ = digits_eval.sample_and_evaluate(
-      model, params, num_samples=int(config.eval.num_samples) or 1000, seed=12345,
-      per_device_batch=500, cache_path=os.path.join(ROOT, ".cache", "digits_classifier.msgpack"),
-      **train_loop.sample_kwargs(config))
+      model, params, sampling.SamplerSettings.from_config(config.sample),
+      num_samples=int(config.eval.num_samples) or 1000, seed=12345, per_device_batch=500,
+      cache_path=os.path.join(ROOT, ".cache", "digits_classifier.msgpack"))
   return metrics
 
 

@@ -70,13 +70,10 @@ def grid_specs(grids: list[str], shifts: list[float], rhos: list[float]):
   return out
 
 
-def grid_kwargs(grid: str, param) -> dict:
-  kw = {"grid": grid}
-  if grid == "shifted":
-    kw["grid_shift"] = float(param)
-  elif grid == "poly":
-    kw["grid_rho"] = float(param)
-  return kw
+def settings_of(sampler: str, steps: int, grid: str, param) -> sampling.SamplerSettings:
+  kw = {"grid_shift": float(param)} if grid == "shifted" else (
+      {"grid_rho": float(param)} if grid == "poly" else {})
+  return sampling.SamplerSettings(sampler, steps, grid, **kw)
 
 
 def grid_label(grid: str, param) -> str:
@@ -102,9 +99,9 @@ class Evaluator:
   def run(self, sampler: str, grid: str, param, steps: int, seed: int) -> dict:
     latents, labels, keys = self._inputs(seed)
     t0 = time.perf_counter()
-    x = sampling.sample(self.model, self.params, latents, labels, sampler=sampler,
-                        num_steps=steps, rng=keys if sampler == "sde" else None,
-                        **grid_kwargs(grid, param))
+    x = sampling.sample(self.model, self.params, latents, labels,
+                        settings_of(sampler, steps, grid, param),
+                        rng=keys if sampler == "sde" else None)
     x = np.asarray(x)
     seconds = time.perf_counter() - t0
     m = digits_eval.evaluate_generated(np.clip(x, -1, 1), np.asarray(labels), self.heldout_x,

@@ -10,6 +10,8 @@ import sys
 
 import jax
 
+from deepflow_jax.evaluation import features
+from deepflow_jax.evaluation import reference
 from deepflow_jax.evaluation import suite
 from evaluation_standin import images, standin
 
@@ -23,11 +25,11 @@ def main():
                                process_id=pid)
   model, params = standin()
   ref_imgs, samples = images(1, 40), images(2, 50, shift=20)
-  ref = suite.compute_reference_statistics(model, params, ref_imgs, batch_size=batch, log=None)
-  acc = suite.FeatureAccumulator()
+  ref = reference.compute_reference_statistics(model, params, ref_imgs, batch_size=batch, log=None)
+  acc = features.FeatureAccumulator()
   # Samples as uneven batches: the pass regroups them.
   chunks = [samples[:7], samples[7:30], samples[30:]]
-  suite.run_feature_pass(model, params, iter(chunks), acc, batch_size=batch, log=None)
+  features.run_feature_pass(model, params, iter(chunks), acc, batch_size=batch, log=None)
   res = suite.metrics_from_features(acc, ref, log=None)
   mu, sigma = acc.pool_stats.statistics()
   res.update(devices=jax.device_count(), processes=jax.process_count(), mu=mu.tolist(),

@@ -14,7 +14,7 @@ import numpy as np
 from deepflow_jax import config_lib
 from deepflow_jax import sharding as shd
 from deepflow_jax.models.loading import model_from_config
-from deepflow_jax.train import Trainer
+from deepflow_jax.training.step import Trainer
 
 
 def tiny_config(data, fsdp, accum=1):

@@ -1,4 +1,4 @@
-"""DINOv2 encoder (deepflow_jax.encoders.dinov2): golden parity, registers, loader checks.
+"""DINOv2 encoder (deepflow_jax.models.dinov2): golden parity, registers, loader checks.
 
 Golden data in tests/data/ (copied from the reference run, dinov2_tiny):
 dinov2_tiny.pth is a small DINOv2 (width 64, depth 3, 4 heads, patch 14,
@@ -41,7 +41,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepflow_jax.encoders import dinov2 as D
+from deepflow_jax.models import dinov2 as D
 from deepflow_jax.errors import UserError
 from deepflow_jax.torch_io import ConversionError
 
@@ -516,7 +516,7 @@ import json, sys
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from deepflow_jax import sharding
-from deepflow_jax.encoders import dinov2 as D
+from deepflow_jax.models import dinov2 as D
 encoder, params = D.load_dinov2(sys.argv[1], grid=4, num_heads=4)
 images = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
 fn = jax.jit(lambda p, im: encoder.apply({"params": p}, D.preprocess_raw_image(im, 56)))

@@ -22,6 +22,7 @@ import pytest
 
 from conftest import cpu_env
 from deepflow_jax import generate
+from deepflow_jax import generation
 from deepflow_jax import images as images_lib
 from deepflow_jax import sampling
 from deepflow_jax.models import loading
@@ -103,7 +104,8 @@ def test_output_layout_and_progress(base_run, tiny2t):
   idx = jnp.arange(10, dtype=jnp.int32)
   z, y, keys = sampling.sample_inputs(model, 7, idx, "random")
   np.testing.assert_array_equal(s["labels"], y)
-  ref = sampling.sample(model, params, z, y, num_steps=4, cfg_scale=3.0, guidance_high=0.7,
+  ref = sampling.sample(model, params, z, y,
+                        sampling.SamplerSettings("sde", 4, cfg_scale=3.0, guidance_high=0.7),
                         rng=keys)
   np.testing.assert_allclose(s["latents"], ref, atol=1e-4, rtol=0)
   manifest = json.load(open(os.path.join(out, "manifest.json")))
@@ -129,8 +131,13 @@ def test_same_samples_for_any_device_count_and_batch(base_run, ckpt, tmp_path):
 def test_interrupted_run_resumes_to_the_same_output(base_run, ckpt, tmp_path):
   out = str(tmp_path / "resume")
   args = [f"--checkpoint={ckpt}", f"--output={out}", "--per_device_batch=4"] + COMMON
-  proc = _run(args + ["--stop_after_batches=1"])
-  assert "stopping after 1 batches" in proc.stdout
+  # The run of COMMON's settings stopped after its first batch, as a signal would stop it.
+  model, params = loading.load_model(ckpt)
+  settings = generation.GenerationSettings(
+      10, sampling.SamplerSettings("sde", 4, cfg_scale=3.0, guidance_high=0.7), seed=7)
+  res = generation.generate_to_folder(model, params, out, settings, per_device_batch=4,
+                                      checkpoint=ckpt, should_stop=lambda: True)
+  assert res.samples_npz is None and res.stopped == 0
   assert os.listdir(os.path.join(out, "latents")) == ["batch_00000000.npy"]
   assert not os.path.exists(os.path.join(out, "samples.npz"))
   first = np.load(os.path.join(out, "latents", "batch_00000000.npy"))
@@ -222,7 +229,7 @@ def test_pixel_model_with_vae_is_refused(tmp_path, capsys):
 
 def test_vae_decodes_latents_to_pngs_and_adm_npz(ckpt, tmp_path):
   from PIL import Image
-  from deepflow_jax import vae as vae_lib
+  from deepflow_jax.models import vae as vae_lib
   vae_dir = os.path.join(ROOT, "tests", "data", "vae_tiny")  # 4 latent channels, 4x upsampling
   out = str(tmp_path / "out")
   rc = generate.main([f"--checkpoint={ckpt}", f"--output={out}", "--num_samples=2",

@@ -1,4 +1,4 @@
-"""FID Inception-v3 (deepflow_jax.evaluation.inception) against pytorch-fid / the ADM graph.
+"""FID Inception-v3 (deepflow_jax.models.inception) against pytorch-fid / the ADM graph.
 
 Golden data: tests/data/fid_inception_tiny.{json,npz}, a subset of the project's
 golden ``fid_inception_tiny`` set (pytorch-fid 0.3.0's FID Inception-v3 on torch
@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepflow_jax.evaluation import inception as inc
-from deepflow_jax.evaluation import tf_graph
+from deepflow_jax.models import inception as inc
+from deepflow_jax.models import inception_tf
 from deepflow_jax.errors import UserError
 from deepflow_jax.torch_io import ConversionError
 
@@ -322,7 +322,7 @@ def test_bad_files_refused(tmp_path):
 # ---------------------------------------------------------------------------
 
 # The 2015 graph's conv scopes, block by block, as torch-fidelity's converter maps them
-# (written out here independently of tf_graph.TF_SCOPES, which is checked against it).
+# (written out here independently of inception_tf.TF_SCOPES, which is checked against it).
 _TF_BLOCKS = [("mixed", "Mixed_5b", "A"), ("mixed_1", "Mixed_5c", "A"),
               ("mixed_2", "Mixed_5d", "A"), ("mixed_3", "Mixed_6a", "B"),
               ("mixed_4", "Mixed_6b", "C"), ("mixed_5", "Mixed_6c", "C"),
@@ -360,7 +360,7 @@ def _tf_scopes() -> dict[str, str]:
 
 def test_tf_scope_table():
   scopes = _tf_scopes()
-  assert tf_graph.TF_SCOPES == scopes and len(scopes) == 94
+  assert inception_tf.TF_SCOPES == scopes and len(scopes) == 94
   modules = {k.rsplit(".", 2)[0] for k in inc.expected_state_dict_shapes() if ".conv." in k}
   assert set(scopes.values()) == modules
   assert scopes["mixed_6/conv"] == "Mixed_6d.branch1x1"  # ADM's sFID tensor mixed_6/conv:0
@@ -434,7 +434,7 @@ def test_pb_batchnorm_attributes(graph, tmp_path, params):
       n.attr["scale_after_normalization"].b = False
     with open(path, "wb") as f:
       f.write(graph.SerializeToString())
-    sd = tf_graph.fid_inception_state_dict(path)
+    sd = inception_tf.fid_inception_state_dict(path)
     ref = inc.state_dict_from_params(params)
     for key, v in sd.items():
       if key.endswith(".bn.weight"):
@@ -446,7 +446,7 @@ def test_pb_batchnorm_attributes(graph, tmp_path, params):
     bns[7].attr["variance_epsilon"].f = 1e-5
     with open(path, "wb") as f:
       f.write(graph.SerializeToString())
-    _one_line_error(lambda: tf_graph.fid_inception_state_dict(path), path,
+    _one_line_error(lambda: inception_tf.fid_inception_state_dict(path), path,
                     f"{bns[7].name} has variance_epsilon")
   finally:
     for n in bns:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from deepflow_jax import outputs
-from deepflow_jax import vae as vae_lib
+from deepflow_jax.models import vae as vae_lib
 from deepflow_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

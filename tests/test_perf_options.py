@@ -22,7 +22,7 @@ import pytest
 from conftest import restore_state
 from deepflow_jax import config_lib
 from deepflow_jax import losses
-from deepflow_jax import train_loop
+from deepflow_jax.training import startup
 from deepflow_jax.models import loading
 from deepflow_jax.models.deepflow import DeepFlow
 from deepflow_jax.models.deepflow import sincos_pos_embed
@@ -106,13 +106,13 @@ def test_compilation_cache_location(tmp_path, monkeypatch):
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   c = config_lib.load_config(DIGITS)
   wd = str(tmp_path / "wd")
-  assert train_loop.compilation_cache_dir(c, wd) == os.path.join(wd, ".jax_cache")
+  assert startup.compilation_cache_dir(c, wd) == os.path.join(wd, ".jax_cache")
   c.train.compile_cache_dir = "none"
-  assert train_loop.compilation_cache_dir(c, wd) is None
+  assert startup.compilation_cache_dir(c, wd) is None
   c.train.compile_cache_dir = str(tmp_path / "shared_cache")
-  assert train_loop.compilation_cache_dir(c, wd) == str(tmp_path / "shared_cache")
+  assert startup.compilation_cache_dir(c, wd) == str(tmp_path / "shared_cache")
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/from/env")  # an explicit variable wins
-  assert train_loop.compilation_cache_dir(c, wd) == "/from/env"
+  assert startup.compilation_cache_dir(c, wd) == "/from/env"
   (tmp_path / "file").write_text("x")
   c = config_lib.load_config(DIGITS, **{"train.compile_cache_dir": str(tmp_path / "file")})
   with pytest.raises(Exception, match="train.compile_cache_dir=.* is not a directory"):
@@ -126,9 +126,14 @@ def _env():
   return env
 
 
-def _main(workdir, *flags, timeout=300):
+def _main(workdir, *flags, timeout=300, kill_at=None):
+  """``python -m deepflow_jax.main`` (``kill_at``: ``tests/sigkill_worker.py``, which SIGKILLs
+  itself after that step, once the newest checkpoint before it is saved)."""
   merged = dict(f.split("=", 1) for f in (*TINY_FLAGS, *flags))
-  cmd = [sys.executable, "-m", "deepflow_jax.main", f"--config={DIGITS}", f"--workdir={workdir}",
+  prog = (["-m", "deepflow_jax.main"] if kill_at is None else
+          [os.path.join(os.path.dirname(os.path.abspath(__file__)), "sigkill_worker.py"),
+           f"--kill_at={kill_at}"])
+  cmd = [sys.executable, *prog, f"--config={DIGITS}", f"--workdir={workdir}",
          *(f"{k}={v}" for k, v in merged.items())]
   return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(),
                         cwd=ROOT)
@@ -138,7 +143,7 @@ def test_restart_hits_the_cache_and_a_workdir_starts_a_larger_input_size(tmp_pat
   """Restart: the train step comes from WORKDIR/.jax_cache; then 8 -> 16 fine-tuning."""
   wd = tmp_path / "run"
   flags = ["--config.train.num_steps=3", "--config.train.ckpt_every=1"]
-  r = _main(wd, *flags, "--config.train.debug_sigkill_at_step=2")
+  r = _main(wd, *flags, kill_at=2)
   assert r.returncode == -9, r.stderr[-3000:]  # killed after step 2; step 1 is saved
   cache = wd / ".jax_cache"
   assert f"compilation cache: {cache}" in r.stdout

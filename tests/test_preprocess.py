@@ -19,10 +19,14 @@ from array_record.python import array_record_module
 from PIL import Image
 
 from deepflow_jax import preprocess
-from deepflow_jax import vae as vae_lib
+from deepflow_jax.data import encode
 from deepflow_jax.data import image_sources
 from deepflow_jax.data import latent_writer
-from deepflow_jax.data import pipeline, records
+from deepflow_jax.data import records
+from deepflow_jax.data.arrayrecord import ArrayRecordLatentSource
+from deepflow_jax.data.pipeline import make_train_iterator
+from deepflow_jax.data.repa import RepaLatentSource
+from deepflow_jax.models import vae as vae_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAE_DIR = os.path.join(ROOT, "tests", "data", "vae_tiny")
@@ -109,6 +113,16 @@ def args(src, out, **kw):
        "examples_per_shard": 3, "batch_size": 2, "num_workers": 2}
   a.update(kw)
   return [f"--{k}" if v is True else f"--{k}={v}" for k, v in a.items() if v is not False]
+
+
+def encode_first_shard(src, out, **kw):
+  """Encodes until the first shard is finished, then stops there as a signal would (the
+  library's ``should_stop``): what an interrupted run leaves, for the resumption tests."""
+  a = {"resolution": RES, "examples_per_shard": 3, "batch_size": 2, "num_workers": 2}
+  a.update(kw)
+  res = encode.encode_dataset(f"imagefolder:{src}", VAE_DIR, str(out), should_stop=lambda: True,
+                              log=lambda msg: None, **a)
+  assert res.stopped and res.exit_status == 0 and res.shards_written == 1
 
 
 def tree_bytes(root):
@@ -222,7 +236,7 @@ def check_values(source, expected):
 
 
 def test_arrayrecord_output(arrayrecord_out, expected):
-  src = pipeline.ArrayRecordLatentSource(arrayrecord_out)
+  src = ArrayRecordLatentSource(arrayrecord_out)
   assert src.info.shape == (8, 8, 4) and src.info.num_classes == 3
   assert src.info.num_examples == 6 and src.info.resolution == RES
   check_values(src, expected)
@@ -240,21 +254,21 @@ def test_arrayrecord_output(arrayrecord_out, expected):
     r.close()
   assert indices == GOOD
   # and it trains: the grain pipeline reads it
-  it = pipeline.make_train_iterator({"name": "arrayrecord", "path": arrayrecord_out},
+  it = make_train_iterator({"name": "arrayrecord", "path": arrayrecord_out},
                                     global_batch_size=3, process_index=0, process_count=1,
                                     seed=0)
   assert next(it)["mean"].shape == (3, 8, 8, 4)
 
 
 def test_repa_output_and_images(repa_out, expected):
-  src = pipeline.RepaLatentSource(repa_out)
+  src = RepaLatentSource(repa_out)
   check_values(src, expected)
   assert src.files == [latent_writer.repa_feature_name(i) for i in GOOD]
   arr = np.load(os.path.join(repa_out, "vae-sd", "00000", "img-mean-std-00000006.npy"))
   with open(os.path.join(repa_out, "vae-sd", "dataset.json")) as f:
     meta = json.load(f)
   assert meta["vae_downsampling"] == 4 and meta["scaling_factor"] == vae_lib.load_diffusers_vae(
-      VAE_DIR)[0].scaling_factor  # the encoding VAE's, recorded for training and decoding
+      VAE_DIR)[0].latent_scale  # the encoding VAE's, recorded for training and decoding
   assert arr.shape == (8, 8, 8) and arr.dtype == np.float32  # (2c, h, w)
   with open(os.path.join(repa_out, "images", "dataset.json")) as f:
     labels = json.load(f)["labels"]
@@ -275,7 +289,7 @@ def test_arrayrecord_save_images_stores_each_crop_in_its_record(folder, expected
   assert not (out / "images").exists()  # in the records, not as a PNG folder
   with open(out / records.METADATA_FILE) as f:
     assert json.load(f)["image_shape"] == [RES, RES, 3]
-  src = pipeline.ArrayRecordLatentSource(str(out), images=True)
+  src = ArrayRecordLatentSource(str(out), images=True)
   assert src.info.image_shape == (RES, RES, 3)
   check_values(src, expected)  # the latents are those written without images
   batch = src.read_batch(np.arange(len(src)))
@@ -306,8 +320,7 @@ def test_resume_after_interruption_is_identical(fmt, folder, arrayrecord_out, re
                                                 capsys):
   out = tmp_path / "out"
   extra = {"format": "repa", "save_images": True} if fmt == "repa" else {}
-  rc, _ = run(args(folder, out, stop_after_shards=1, **extra), capsys)
-  assert rc == 0
+  encode_first_shard(folder, out, **extra)
   files = tree_bytes(out)
   assert "metadata.json" not in files and "vae-sd/dataset.json" not in files
   assert "progress/shard-00000-of-00003.json" in files
@@ -327,8 +340,7 @@ def test_resume_after_interruption_is_identical(fmt, folder, arrayrecord_out, re
 
 def test_mismatched_restart_is_refused(folder, tmp_path, capsys):
   out = tmp_path / "out"
-  rc, _ = run(args(folder, out, stop_after_shards=1), capsys)
-  assert rc == 0
+  encode_first_shard(folder, out)
   before = tree_bytes(out)
   for change, word in [({"resolution": 64}, "resolution"),
                        ({"examples_per_shard": 2}, "examples_per_shard"),
@@ -351,8 +363,7 @@ def test_changed_source_is_refused(folder, tmp_path, capsys):
   src = tmp_path / "src"
   write_folder(str(src))
   out = tmp_path / "out"
-  rc, _ = run(args(src, out, stop_after_shards=1), capsys)
-  assert rc == 0
+  encode_first_shard(src, out)
   make_image("RGB", (40, 40), 9).save(src / "n01_cat" / "new.png")
   rc, cap = run(args(src, out), capsys)
   assert rc == 2 and "file list differs" in cap.err
@@ -426,7 +437,7 @@ def test_tfds_mock_data(folder, expected, tmp_path, capsys):
                    "--batch_size=2"], capsys)
   assert rc == 0, cap.err
   assert "imagenet2012/train[4]" in cap.err  # the corrupt one, by name
-  src = pipeline.RepaLatentSource(out)
+  src = RepaLatentSource(out)
   check_values(src, expected)
   settings = latent_writer.read_settings(str(out))
   assert settings["settings"]["num_classes"] == 1000

@@ -36,10 +36,10 @@ from conftest import cpu_env
 from conftest import restore_state
 from deepflow_jax import config_lib
 from deepflow_jax import losses
-from deepflow_jax import train as train_lib
-from deepflow_jax import train_loop
+from deepflow_jax import training
+from deepflow_jax.training import alignment
 from deepflow_jax.data import records
-from deepflow_jax.encoders import dinov2
+from deepflow_jax.models import dinov2
 from deepflow_jax.errors import UserError
 from deepflow_jax.models.deepflow import DeepFlow
 
@@ -109,12 +109,17 @@ def data(tmp_path_factory):
   return {"repa": str(repa), "ar": str(ar), "encoder": encoder, "examples": examples}
 
 
-def run_main(workdir, data, *extra, devices=1, check=True, name="repa"):
+def run_main(workdir, data, *extra, devices=1, check=True, name="repa", kill_at=None):
+  """``python -m deepflow_jax.main`` (``kill_at``: ``tests/sigkill_worker.py``, which SIGKILLs
+  itself after that step, once the newest checkpoint before it is saved)."""
   overrides = dict(TINY)
   overrides.update({"data.path": data[name], "data.name": {"ar": "arrayrecord"}.get(name, name),
                     "model.encoder_path": data["encoder"]})
   overrides.update(dict(e.split("=", 1) for e in extra))
-  cmd = [sys.executable, "-m", "deepflow_jax.main", f"--config={B2T}:ssl",
+  prog = (["-m", "deepflow_jax.main"] if kill_at is None else
+          [os.path.join(os.path.dirname(os.path.abspath(__file__)), "sigkill_worker.py"),
+           f"--kill_at={kill_at}"])
+  cmd = [sys.executable, *prog, f"--config={B2T}:ssl",
          f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(devices),
                      cwd=ROOT)
@@ -194,20 +199,20 @@ def test_alignment_features_are_the_reference_pipeline_and_frozen():
   for cfg, res in ((B2T, 256), (XL3T, 256)):
     c = config_lib.load_config(cfg + ":ssl")
     model = DeepFlow(input_size=c.model.input_size, patch_size=c.model.patch_size)
-    g = train_lib.alignment_grid(model)
+    g = alignment.alignment_grid(model)
     assert (14 * g, g) == dinov2.repa_input_size(res) == (224, 16)
   assert (14 * 32, 32) == dinov2.repa_input_size(512)  # 64 x 64 latents, patch 2
   rng = np.random.default_rng(2)
   images = jnp.asarray(rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8))
   encoder, params = dinov2.load_dinov2(TINY_PTH, grid=16, num_heads=4)
-  got = jax.jit(lambda p, x: train_lib.alignment_features(encoder, p, x))(params, images)
+  got = jax.jit(lambda p, x: alignment.alignment_features(encoder, p, x))(params, images)
   want = jax.jit(lambda p, x: dinov2.repa_features(encoder, p, x))(params, images)
   assert got.shape == (2, 256, 64) and got.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # the same computation
   # The tiny grid: 64-pixel images -> 56 pixels, 4 x 4 patches.
   encoder4, params4 = dinov2.load_dinov2(TINY_PTH, grid=4, num_heads=4)
   small = images[:, :RES, :RES]
-  features = lambda p: train_lib.alignment_features(encoder4, p, small)
+  features = lambda p: alignment.alignment_features(encoder4, p, small)
   value, grads = jax.jit(jax.value_and_grad(lambda p: jnp.sum(features(p) ** 2)))(params4)
   tokens = jax.jit(lambda p: encoder4.apply(
       {"params": p}, dinov2.preprocess_raw_image(small, 56))["x_norm_patchtokens"])(params4)
@@ -266,14 +271,14 @@ def test_startup_errors_are_one_line_and_leave_the_workdir_untouched(data, tmp_p
   for kw, msg in cases:
     wd = tmp_path / "wd"
     with pytest.raises(UserError, match=msg) as e:
-      train_loop.train(_config(data, kw), str(wd))
+      training.train(_config(data, kw), str(wd))
     assert "\n" not in str(e.value)
     assert not wd.exists()  # refused before anything was written
   # Image and latent counts differ: the pairing by sorted position is refused.
   shutil.copytree(data["repa"], broken)
   os.remove(broken / "images" / "00001" / "img00000015.png")
   with pytest.raises(UserError, match=r"15 image files but .* holds 16 latent files"):
-    train_loop.train(_config(data, {"data.path": str(broken)}), str(tmp_path / "wd"))
+    training.train(_config(data, {"data.path": str(broken)}), str(tmp_path / "wd"))
 
 
 # ---------------------------------------------------------------------------- training
@@ -324,7 +329,7 @@ def test_eight_devices_match_one(straight, data, tmp_path):
 def test_sigkill_and_resume_with_images_is_bit_identical(straight, data, tmp_path):
   wd, _ = straight
   killed = tmp_path / "killed"
-  r = run_main(killed, data, f"train.debug_sigkill_at_step={STEPS + 1}", check=False)
+  r = run_main(killed, data, kill_at=STEPS + 1, check=False)
   assert r.returncode == -signal.SIGKILL
   assert sorted(os.listdir(killed / "checkpoints")) == [str(STEPS)]
   r = run_main(killed, data)

@@ -25,6 +25,8 @@ import pytest
 from conftest import cpu_env
 from deepflow_jax.errors import UserError
 from deepflow_jax.evaluation import metrics as M
+from deepflow_jax.evaluation import features
+from deepflow_jax.evaluation import reference
 from deepflow_jax.evaluation import suite
 from evaluation_standin import images, standin
 
@@ -48,7 +50,7 @@ def test_running_statistics_equal_activation_statistics(chunk):
   # Mean 30, std ~1: the covariance cancels ~3 digits in a naive sum of x x^T.
   acts = _acts(0, 1000, 48, mean=30.0)
   mu_ref, sigma_ref = M.activation_statistics(acts)
-  rs = suite.RunningStatistics()
+  rs = features.RunningStatistics()
   for i in range(0, len(acts), chunk):
     rs.update(acts[i:i + chunk])
   mu, sigma = rs.statistics()
@@ -62,8 +64,8 @@ def test_running_statistics_equal_activation_statistics(chunk):
 
 def test_running_statistics_merge():
   acts = _acts(1, 900, 16, mean=-5.0)
-  parts = [suite.RunningStatistics().update(acts[i:i + 300]) for i in (0, 300, 600)]
-  merged = parts[0].merge(parts[1]).merge(parts[2]).merge(suite.RunningStatistics())
+  parts = [features.RunningStatistics().update(acts[i:i + 300]) for i in (0, 300, 600)]
+  merged = parts[0].merge(parts[1]).merge(parts[2]).merge(features.RunningStatistics())
   mu_ref, sigma_ref = M.activation_statistics(acts)
   mu, sigma = merged.statistics()
   # Merged float32 sums associate differently from one row-after-row sum, so mu differs by
@@ -72,7 +74,7 @@ def test_running_statistics_merge():
   np.testing.assert_allclose(mu, mu_ref, rtol=1e-5)
   np.testing.assert_allclose(sigma, sigma_ref, rtol=0, atol=1e-12 * np.abs(sigma_ref).max())
   with pytest.raises(UserError, match="at least 2"):
-    suite.RunningStatistics().update(acts[:1]).statistics()
+    features.RunningStatistics().update(acts[:1]).statistics()
   with pytest.raises(UserError, match="16 features"):
     merged.update(acts[:, :8])
 
@@ -83,7 +85,7 @@ def test_running_inception_score_equals_inception_score():
   for split in (100, 128, 5000):
     want = M.inception_score(probs, split)
     for chunk in (7, 128, 500):
-      acc = suite.RunningInceptionScore(split)
+      acc = features.RunningInceptionScore(split)
       for i in range(0, len(probs), chunk):
         acc.update(probs[i:i + chunk])
       # Same float32 ops on the same splits: bit-identical.
@@ -95,12 +97,12 @@ def test_running_inception_score_equals_inception_score():
 def test_feature_pool():
   acts = _acts(2, 50, 8)
   for capacity in (None, 50):
-    pool = suite.FeaturePool(capacity)
+    pool = features.FeaturePool(capacity)
     for i in range(0, 50, 16):
       pool.update(acts[i:i + 16])
     np.testing.assert_array_equal(pool.features(), acts)
   with pytest.raises(UserError, match="more than"):
-    suite.FeaturePool(10).update(acts)
+    features.FeaturePool(10).update(acts)
 
 
 # ---------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def test_npz_array_reads_in_chunks(tmp_path, compressed):
   imgs = images(3, 37, size=5)
   path = str(tmp_path / "b.npz")
   (np.savez_compressed if compressed else np.savez)(path, arr_0=imgs, mu=np.zeros(3))
-  arr = suite.open_image_batch(path)
+  arr = reference.open_image_batch(path)
   assert len(arr) == 37 and arr.shape == imgs.shape and arr.dtype == np.uint8
   chunks = list(arr.chunks(10))
   assert [len(c) for c in chunks] == [10, 10, 10, 7]
@@ -138,10 +140,10 @@ def test_npz_refusals(tmp_path):
   cases.append((str(tmp_path / "j.npz"), "not a readable .npz"))
   for path, match in cases:
     with pytest.raises(UserError, match=match) as e:
-      suite.open_image_batch(path)
+      reference.open_image_batch(path)
     assert str(e.value).startswith(path) and "\n" not in str(e.value)
   with pytest.raises(UserError, match="holds 1 images; at least 2"):
-    suite.open_image_batch(save("k.npz", arr_0=np.zeros((1, 5, 5, 3), np.uint8)), min_images=2)
+    reference.open_image_batch(save("k.npz", arr_0=np.zeros((1, 5, 5, 3), np.uint8)), min_images=2)
 
 
 # ---------------------------------------------------------------------------
@@ -167,12 +169,12 @@ def test_feature_pass_matches_direct_computation(net, tmp_path):
   direct = _direct(model, params, imgs)
   path = str(tmp_path / "s.npz")
   np.savez(path, arr_0=imgs)
-  sources = {"array": imgs, "npz": suite.open_image_batch(path),
+  sources = {"array": imgs, "npz": reference.open_image_batch(path),
              "uneven batches": iter([imgs[:3], imgs[3:4], imgs[4:40], imgs[40:]])}
   for name, src in sources.items():
     for batch in (8, 45, 64):
-      acc = suite.FeatureAccumulator(split_size=20, capacity=45)
-      suite.run_feature_pass(model, params, src if name != "uneven batches" else
+      acc = features.FeatureAccumulator(split_size=20, capacity=45)
+      features.run_feature_pass(model, params, src if name != "uneven batches" else
                              iter([imgs[:3], imgs[3:4], imgs[4:40], imgs[40:]]),
                              acc, batch_size=batch, log=None)
       assert acc.count == 45, name
@@ -190,21 +192,21 @@ def test_feature_pass_matches_direct_computation(net, tmp_path):
 
 def test_feature_pass_refuses_bad_images(net):
   model, params = net
-  acc = suite.FeatureAccumulator()
+  acc = features.FeatureAccumulator()
   with pytest.raises(UserError, match="uint8 NHWC"):
-    suite.run_feature_pass(model, params, images(0, 4).astype(np.float32), acc, log=None)
+    features.run_feature_pass(model, params, images(0, 4).astype(np.float32), acc, log=None)
   for sizes in ((4, 4), (3, 3)):  # whole batches, and batches regrouped across the size change
     with pytest.raises(UserError, match="one size"):
       batches = iter([images(0, sizes[0]), images(0, sizes[1], size=6)])
-      suite.run_feature_pass(model, params, batches, acc, batch_size=4, log=None)
+      features.run_feature_pass(model, params, batches, acc, batch_size=4, log=None)
   with pytest.raises(UserError, match="uint8 NHWC"):
-    suite.run_feature_pass(model, params, iter([images(0, 3)[..., 0]]), acc, log=None)
+    features.run_feature_pass(model, params, iter([images(0, 3)[..., 0]]), acc, log=None)
 
 
 def test_evaluate_samples(net):
   model, params = net
   ref_imgs, samples = images(1, 40), images(2, 50, shift=20)
-  ref = suite.compute_reference_statistics(model, params, ref_imgs, batch_size=16, log=None)
+  ref = reference.compute_reference_statistics(model, params, ref_imgs, batch_size=16, log=None)
   res = suite.evaluate_samples(model, params, samples, ref, batch_size=16, log=None)
   assert set(res) == {"fid", "sfid", "inception_score", "precision", "recall", "num_samples"}
   assert res["num_samples"] == 50
@@ -221,12 +223,12 @@ def test_evaluate_samples(net):
   assert (res["precision"], res["recall"]) == M.precision_recall(r["pool"], s["pool"])
   assert res["fid"] > 1e-3 and 1.0 < res["inception_score"] < 10.0
   # A reference of the samples themselves: FID ~0 (float64 rounding of tr terms ~10).
-  same = suite.compute_reference_statistics(model, params, samples, log=None)
+  same = reference.compute_reference_statistics(model, params, samples, log=None)
   res_same = suite.evaluate_samples(model, params, samples, same, log=None)
   assert abs(res_same["fid"]) < 1e-8 and res_same["precision"] == res_same["recall"] == 1.0
   # Without pool features (statistics only), P/R are None; the same batching gives the
   # same FID bit for bit (deterministic).
-  stats_only = suite.ReferenceStatistics(ref.mu, ref.sigma)
+  stats_only = reference.ReferenceStatistics(ref.mu, ref.sigma)
   res2 = suite.evaluate_samples(model, params, samples, stats_only, batch_size=16, log=None)
   assert res2["fid"] == res["fid"] and res2["sfid"] is None and res2["precision"] is None
 
@@ -286,24 +288,24 @@ def test_load_reference_computes_caches_and_reuses(net, tmp_path, monkeypatch):
   np.savez(path, arr_0=ref_imgs)
   before = (os.path.getsize(path), os.stat(path).st_mtime_ns)
   lines = []
-  ref = suite.load_reference(path, model, params, log=lines.append, batch_size=16)
-  want = suite.compute_reference_statistics(model, params, ref_imgs, log=None)
+  ref = reference.load_reference(path, model, params, log=lines.append, batch_size=16)
+  want = reference.compute_reference_statistics(model, params, ref_imgs, log=None)
   for k in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
     np.testing.assert_array_equal(getattr(ref, k), getattr(want, k))
   caches = [f for f in os.listdir(tmp_path) if ".features-" in f]
   assert len(caches) == 1 and not any(".tmp" in f for f in os.listdir(tmp_path))
   assert (os.path.getsize(path), os.stat(path).st_mtime_ns) == before  # never written
   # Second call: from the cache, without running the network.
-  monkeypatch.setattr(suite, "compute_reference_statistics",
+  monkeypatch.setattr(reference, "compute_reference_statistics",
                       lambda *a, **k: pytest.fail("recomputed despite the cache"))
   lines.clear()
-  again = suite.load_reference(path, model, params, log=lines.append)
+  again = reference.load_reference(path, model, params, log=lines.append)
   assert any("from the cache" in l for l in lines)
   np.testing.assert_array_equal(again.pool, ref.pool)
   # Other weights -> another key -> recomputed (here: refused by the patch above).
   other = jax.tree.map(lambda a: a + 1.0, params)
   with pytest.raises(pytest.fail.Exception):
-    suite.load_reference(path, model, other, log=None)
+    reference.load_reference(path, model, other, log=None)
 
 
 def test_load_reference_prefers_file_statistics(net, tmp_path):
@@ -313,24 +315,24 @@ def test_load_reference_prefers_file_statistics(net, tmp_path):
   mu, sigma = np.full(d, 0.5, np.float32), np.eye(d) * 2.0
   path = str(tmp_path / "ref.npz")
   np.savez(path, arr_0=ref_imgs, mu=mu, sigma=sigma)
-  ref = suite.load_reference(path, model, params, log=None)
+  ref = reference.load_reference(path, model, params, log=None)
   # ADM uses the file's statistics; computed ones only fill what it lacks (mu_s/sigma_s here).
   np.testing.assert_array_equal(ref.mu, mu)
   np.testing.assert_array_equal(ref.sigma, sigma)
-  want = suite.compute_reference_statistics(model, params, ref_imgs, log=None)
+  want = reference.compute_reference_statistics(model, params, ref_imgs, log=None)
   np.testing.assert_array_equal(ref.mu_s, want.mu_s)
   np.testing.assert_array_equal(ref.pool, want.pool)
   # Statistics only, no images: usable for FID, no P/R, nothing computed or cached.
   stats_path = str(tmp_path / "stats.npz")
   np.savez(stats_path, mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma)
-  ref2 = suite.load_reference(stats_path, model, params, log=None)
+  ref2 = reference.load_reference(stats_path, model, params, log=None)
   assert ref2.pool is None and ref2.mu_s is not None
   with pytest.raises(UserError, match="neither arr_0"):
     np.savez(str(tmp_path / "empty.npz"), x=np.zeros(3))
-    suite.load_reference(str(tmp_path / "empty.npz"), model, params, log=None)
+    reference.load_reference(str(tmp_path / "empty.npz"), model, params, log=None)
   with pytest.raises(UserError, match="expected float"):
     np.savez(str(tmp_path / "bad.npz"), mu=mu, sigma=np.eye(3))
-    suite.load_reference(str(tmp_path / "bad.npz"), model, params, log=None)
+    reference.load_reference(str(tmp_path / "bad.npz"), model, params, log=None)
 
 
 def test_load_reference_unwritable_directory(net, tmp_path, monkeypatch):
@@ -342,9 +344,9 @@ def test_load_reference_unwritable_directory(net, tmp_path, monkeypatch):
   def refuse(p, arrays):
     raise PermissionError(13, "Permission denied", p)
 
-  monkeypatch.setattr(suite, "_atomic_savez", refuse)
+  monkeypatch.setattr(reference, "_atomic_savez", refuse)
   lines = []
-  ref = suite.load_reference(path, model, params, log=lines.append)
+  ref = reference.load_reference(path, model, params, log=lines.append)
   assert ref.pool is not None and ref.mu is not None
   assert any("could not write the cache" in l for l in lines)
   assert os.listdir(tmp_path) == ["ref.npz"]

@@ -35,10 +35,15 @@ def _env(devices=1):
   return cpu_env(devices, compile_cache=True)
 
 
-def run_main(workdir, *overrides, devices=1, timeout=300, check=True, config=DIGITS, tiny=True):
+def run_main(workdir, *overrides, devices=1, timeout=300, check=True, config=DIGITS, tiny=True,
+             kill_at=None):
+  """``python -m deepflow_jax.main`` (``kill_at``: ``tests/sigkill_worker.py``, which runs the
+  same and SIGKILLs itself after that step, once the newest checkpoint before it is saved)."""
   # One flag per key, later wins (absl would concatenate a repeated tuple override).
   merged = dict(a.split("=", 1) for a in (*(TINY if tiny else []), *overrides))
-  cmd = [sys.executable, "-m", "deepflow_jax.main", f"--config={config}",
+  prog = (["-m", "deepflow_jax.main"] if kill_at is None else
+          [os.path.join(HERE, "sigkill_worker.py"), f"--kill_at={kill_at}"])
+  cmd = [sys.executable, *prog, f"--config={config}",
          f"--workdir={workdir}", *(f"{k}={v}" for k, v in merged.items())]
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(devices),
                      cwd=ROOT)
@@ -131,7 +136,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
   straight = tmp_path / "straight"
   run_main(straight, *common)
   killed = tmp_path / "killed"
-  r = run_main(killed, *common, f"--config.train.debug_sigkill_at_step={n + 1}", check=False)
+  r = run_main(killed, *common, kill_at=n + 1, check=False)
   assert r.returncode == -signal.SIGKILL
   assert sorted(os.listdir(killed / "checkpoints")) == [str(n)]  # killed after step n+1, before 2n
   r = run_main(killed, *common)
@@ -270,7 +275,7 @@ def test_finetune_from_converted_reference_checkpoint(tmp_path):
 def test_analytic_flops_match_xla_count():
   import jax  # pylint: disable=g-import-not-at-top
   from deepflow_jax.models import DeepFlow  # pylint: disable=g-import-not-at-top
-  from deepflow_jax.train import forward_flops_per_example  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.training.meter import forward_flops_per_example  # pylint: disable=g-import-not-at-top
   m = DeepFlow(input_size=16, in_channels=4, hidden_size=256, depth=4, num_heads=4, num_classes=10,
                df_idxs=(2,), projector_dim=256)
   x = jax.ShapeDtypeStruct((1, 16, 16, 4), np.float32)
@@ -322,7 +327,7 @@ def test_digits_main_short_run(tmp_path, monkeypatch):
   with np.load(out / "samples.npz") as z:
     assert z["arr_0"].shape == (4, 8, 8, 3) and z["arr_0"].dtype == np.uint8
   # The workdir loader takes relative paths too (Orbax itself refuses them).
-  from deepflow_jax.checkpointing import load_workdir_ema  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.models.loading import load_workdir_ema  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   _, ema_abs = load_workdir_ema(str(wd))
   monkeypatch.chdir(tmp_path)

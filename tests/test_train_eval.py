@@ -12,7 +12,8 @@ import numpy as np
 from deepflow_jax import config_lib
 from deepflow_jax import images as images_lib
 from deepflow_jax import sampling
-from deepflow_jax import train_loop
+from deepflow_jax import training
+from deepflow_jax.training import hooks
 from deepflow_jax.models import loading
 from deepflow_jax.evaluation import metrics
 from evaluation_standin import images, standin
@@ -26,7 +27,7 @@ TINY = {"model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2, "model.
 
 def test_fid_during_training_and_callback(tmp_path, monkeypatch):
   model, params = standin(size=8)
-  monkeypatch.setattr(train_loop.inception, "load_fid_inception",
+  monkeypatch.setattr(hooks.inception, "load_fid_inception",
                       lambda path, **kw: (model, params))
   ref = str(tmp_path / "ref.npz")
   np.savez(ref, arr_0=images(1, 40))
@@ -38,7 +39,7 @@ def test_fid_during_training_and_callback(tmp_path, monkeypatch):
       "eval.inception": str(weights)})
   seen = []
   wd = str(tmp_path / "run")
-  assert train_loop.train(config, wd, callback=lambda step, m: seen.append((step, m))) == 0
+  assert training.train(config, wd, callback=lambda step, m: seen.append((step, m))) == 0
   evals = [(s, m) for s, m in seen if "eval/fid" in m]
   assert [s for s, _ in evals] == [2, 4]  # every fid_every steps, and at the end
   assert [s for s, m in seen if "loss" in m] == [1, 2, 3, 4]
@@ -51,8 +52,9 @@ def test_fid_during_training_and_callback(tmp_path, monkeypatch):
   # checkpoint. rtol 1e-6: the loop's streaming statistics equal np.cov to float64 noise,
   # amplified by the square root of a rank-11 (12-sample) covariance product.
   net, ema = loading.load_workdir_ema(wd, step=4)
-  x = sampling.sample_many(net, ema, np.arange(12) % 10, seed=config.train.seed + 3,
-                           per_device_batch=8, **train_loop.sample_kwargs(config))
+  x = sampling.sample_many(net, ema, np.arange(12) % 10,
+                           sampling.SamplerSettings.from_config(config.sample),
+                           seed=config.train.seed + hooks.FID_SEED, per_device_batch=8)
   feats = lambda im: np.asarray(model.apply({"params": params}, im)["pool"])
   mu1, s1 = metrics.activation_statistics(feats(images_lib.to_uint8(x, rgb=True)))
   mu2, s2 = metrics.activation_statistics(feats(images(1, 40)))
@@ -61,5 +63,5 @@ def test_fid_during_training_and_callback(tmp_path, monkeypatch):
   assert os.path.exists(os.path.join(wd, "samples", "grid_00000004.png"))
   # Resuming a finished run redoes only the end-of-run work (grid, evaluation).
   seen.clear()
-  assert train_loop.train(config, wd, callback=lambda step, m: seen.append((step, m))) == 0
+  assert training.train(config, wd, callback=lambda step, m: seen.append((step, m))) == 0
   assert [s for s, m in seen if "loss" in m] == [] and [s for s, m in seen if "eval/fid" in m] == [4]

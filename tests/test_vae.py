@@ -21,7 +21,7 @@ import pytest
 
 from deepflow_jax import convert_vae
 from deepflow_jax import images as images_lib
-from deepflow_jax import vae as V
+from deepflow_jax.models import vae as V
 from deepflow_jax.torch_io import ConversionError
 from deepflow_jax.torch_io import flatten_tree
 
@@ -104,7 +104,7 @@ def compute_outputs(vae, params, g, names_wanted):
                              mutable=["intermediates"])
   dec_inter = dec_state["intermediates"]["decoder"]
   out["decode_z"] = dec
-  z_scaled = z / V.SCALING_FACTOR
+  z_scaled = z / V.LATENT_SCALE
   out["z_div_scaling"] = z_scaled
   out["post_quant_conv_z_div_scaling"] = vae.apply(p, z_scaled, method=pqc)
   out["decode_z_div_scaling"] = vae.apply(p, z_scaled, method=vae.decode)
@@ -204,12 +204,12 @@ def test_images_to_uint8_on_decoded(golden):
 
 
 def test_constants(keys_json, tiny):
-  assert V.SCALING_FACTOR == 0.18215
+  assert V.LATENT_SCALE == 0.18215
   cfg = {k: v for k, v in V.SD_VAE_CONFIG.items() if not k.startswith("_")}
   cfg.pop("scaling_factor")
   assert cfg == keys_json["constructor_kwargs"]
   vae, _ = tiny
-  assert vae.scaling_factor == V.SCALING_FACTOR and vae.downsample_factor == 4
+  assert vae.latent_scale == V.LATENT_SCALE and vae.downsample_factor == 4
 
 
 # ----------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def test_real_sd_vae_hub_config_defaults(keys_json):
   vae = V.AutoencoderKL.from_config(old)
   want = {e["key"]: tuple(e["shape"]) for e in keys_json["state_dict_keys"]}
   assert V.expected_state_dict_shapes(vae) == want
-  assert vae.scaling_factor == V.SCALING_FACTOR
+  assert vae.latent_scale == V.LATENT_SCALE
 
 
 def test_optional_parts_follow_config(tiny):

@@ -156,46 +156,9 @@ def parse_df_idxs(value) -> list[int]:
   return [int(i) for i in value]
 
 
-def infer_architecture(sd: Mapping[str, np.ndarray], args: Optional[Mapping[str, Any]],
-                       source: str, **overrides) -> dict[str, Any]:
-  """Architecture fields from tensor shapes, ``args`` and explicit overrides.
-
-  Overrides (``df_idxs``, ``num_heads``, ``legacy_scaling``, ``input_size``,
-  ``class_dropout_prob``) win over ``args``; shapes win over everything they
-  determine, and a contradiction is an error.
-  """
-  args = dict(args or {})
-  overrides = {k: v for k, v in overrides.items() if v is not None}
-  missing = []  # architecture facts neither the file nor the caller gives, as flags
-  if "x_embedder.proj.weight" not in sd:
-    raise ConversionError(f"{source}: no 'x_embedder.proj.weight': not a DeepFlow/SiT state_dict "
-                          f"(first keys: {sorted(sd)[:5]})")
-  d, c, p, _ = sd["x_embedder.proj.weight"].shape
-  cfg: dict[str, Any] = dict(hidden_size=int(d), in_channels=int(c), patch_size=int(p))
-  blocks = _indices(sd, "blocks")
-  if not blocks:
-    raise ConversionError(f"{source}: no transformer blocks ('blocks.N.*') found")
-  cfg["depth"] = blocks[-1] + 1
-  if "blocks.0.mlp.fc1.weight" in sd:
-    cfg["mlp_ratio"] = float(sd["blocks.0.mlp.fc1.weight"].shape[0] / d)
-  if "y_embedder.embedding_table.weight" in sd:
-    cfg["num_classes"] = int(sd["y_embedder.embedding_table.weight"].shape[0] - 1)
-  if "pos_embed" in sd:
-    tokens = sd["pos_embed"].shape[1]
-    grid = int(round(tokens**0.5))
-    cfg["input_size"] = grid * int(p)
-  elif "input_size" in overrides:
-    cfg["input_size"] = int(overrides["input_size"])
-  elif "resolution" in args:
-    cfg["input_size"] = int(args["resolution"]) // 8
-  else:
-    missing.append("--input_size (latent side; the file has no pos_embed and no args)")
-  cfg["qk_norm"] = "blocks.0.attn.q_norm.weight" in sd
-  if "qk_norm" in args and bool(args["qk_norm"]) != cfg["qk_norm"]:
-    raise ConversionError(f"{source}: args.qk_norm={args['qk_norm']} but the weights "
-                          f"{'have' if cfg['qk_norm'] else 'have no'} q_norm/k_norm")
-
-  # Heads: explicit > model name > custom_num_heads > qk-norm head dim.
+def _num_heads(sd, args, overrides, cfg, source, missing) -> None:
+  """Heads: explicit > reference model name > custom_num_heads > the qk-norm head dim."""
+  d, p = cfg["hidden_size"], cfg["patch_size"]
   name = args.get("model")
   if "num_heads" in overrides:
     cfg["num_heads"] = int(overrides["num_heads"])
@@ -217,6 +180,9 @@ def infer_architecture(sd: Mapping[str, np.ndarray], args: Optional[Mapping[str,
   else:
     missing.append(f"--num_heads (attention heads; width {d} does not tell them)")
 
+
+def _splits(sd, args, overrides, cfg, source, missing) -> int:
+  """df_idxs (explicit > args > none when there are no VeRA blocks); returns the block count."""
   n_df = len(_indices(sd, "df_blocks"))
   if "df_idxs" in overrides:
     df_idxs = parse_df_idxs(overrides["df_idxs"])
@@ -232,7 +198,11 @@ def infer_architecture(sd: Mapping[str, np.ndarray], args: Optional[Mapping[str,
     raise ConversionError(f"{source}: df_idxs {df_idxs} names {len(df_idxs)} splits but the "
                           f"weights hold {n_df} VeRA blocks (df_blocks.*)")
   cfg["df_idxs"] = df_idxs
+  return n_df
 
+
+def _projectors(sd, args, cfg, source, n_df: int) -> None:
+  """projector_dim, ssl_align and z_dim from the acceleration MLP and the SSL projectors."""
   if n_df and "df_blocks.0.acc_mlp.0.weight" in sd:
     cfg["projector_dim"] = int(sd["df_blocks.0.acc_mlp.0.weight"].shape[0])
   elif args.get("projector_dim") or args.get("custom_projector_dim"):
@@ -250,6 +220,54 @@ def infer_architecture(sd: Mapping[str, np.ndarray], args: Optional[Mapping[str,
     cfg["z_dim"] = int(sd[last].shape[0])
     cfg["projector_dim"] = int(sd["projectors.0.0.weight"].shape[0])
 
+
+def _trunk(sd, args, overrides, source, missing) -> dict[str, Any]:
+  """Width, channels, patch, depth, MLP ratio, classes, input size and qk-norm."""
+  if "x_embedder.proj.weight" not in sd:
+    raise ConversionError(f"{source}: no 'x_embedder.proj.weight': not a DeepFlow/SiT state_dict "
+                          f"(first keys: {sorted(sd)[:5]})")
+  d, c, p, _ = sd["x_embedder.proj.weight"].shape
+  cfg: dict[str, Any] = dict(hidden_size=int(d), in_channels=int(c), patch_size=int(p))
+  blocks = _indices(sd, "blocks")
+  if not blocks:
+    raise ConversionError(f"{source}: no transformer blocks ('blocks.N.*') found")
+  cfg["depth"] = blocks[-1] + 1
+  if "blocks.0.mlp.fc1.weight" in sd:
+    cfg["mlp_ratio"] = float(sd["blocks.0.mlp.fc1.weight"].shape[0] / d)
+  if "y_embedder.embedding_table.weight" in sd:
+    cfg["num_classes"] = int(sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+  if "pos_embed" in sd:
+    tokens = sd["pos_embed"].shape[1]
+    cfg["input_size"] = int(round(tokens**0.5)) * int(p)
+  elif "input_size" in overrides:
+    cfg["input_size"] = int(overrides["input_size"])
+  elif "resolution" in args:
+    cfg["input_size"] = int(args["resolution"]) // 8
+  else:
+    missing.append("--input_size (latent side; the file has no pos_embed and no args)")
+  cfg["qk_norm"] = "blocks.0.attn.q_norm.weight" in sd
+  if "qk_norm" in args and bool(args["qk_norm"]) != cfg["qk_norm"]:
+    raise ConversionError(f"{source}: args.qk_norm={args['qk_norm']} but the weights "
+                          f"{'have' if cfg['qk_norm'] else 'have no'} q_norm/k_norm")
+  return cfg
+
+
+def infer_architecture(sd: Mapping[str, np.ndarray], args: Optional[Mapping[str, Any]],
+                       source: str, **overrides) -> dict[str, Any]:
+  """Architecture fields from tensor shapes, ``args`` and explicit overrides.
+
+  Overrides (``df_idxs``, ``num_heads``, ``legacy_scaling``, ``input_size``,
+  ``class_dropout_prob``) win over ``args``; shapes win over everything they
+  determine, and a contradiction is an error. Facts that neither the file nor
+  the caller gives are listed together, by their flags, in one error.
+  """
+  args = dict(args or {})
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  missing = []  # architecture facts neither the file nor the caller gives, as flags
+  cfg = _trunk(sd, args, overrides, source, missing)
+  _num_heads(sd, args, overrides, cfg, source, missing)
+  n_df = _splits(sd, args, overrides, cfg, source, missing)
+  _projectors(sd, args, cfg, source, n_df)
   if "legacy_scaling" in overrides:
     cfg["legacy_scaling"] = bool(overrides["legacy_scaling"])
   elif "legacy_scaling" in args:

@@ -24,13 +24,12 @@ from typing import Any, Callable, Mapping, Optional
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from deepflow_jax import outputs
 from deepflow_jax import sharding as shd
-from deepflow_jax.checkpointing import CHECKPOINT_DIR
+from deepflow_jax import workdir as workdir_lib
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import first_line
 from deepflow_jax.models.deepflow import DTYPES
@@ -44,7 +43,6 @@ ARCH_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth"
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
 CONVERTED_FORMAT = "deepflow-jax/converted/v1"
-CONFIG_JSON = "config.json"  # of a training workdir
 
 
 def _dtype(d):
@@ -240,32 +238,8 @@ def load_converted(directory: str, *, dtype=jnp.float32, param_dtype=jnp.float32
 
 
 # ---------------------------------------------------------------------------
-# Training workdirs.
+# Training workdirs (layout and fallback: deepflow_jax.workdir).
 # ---------------------------------------------------------------------------
-
-
-def is_workdir(path: str) -> bool:
-  """A training workdir: ``config.json`` plus ``checkpoints/``."""
-  return (os.path.isfile(os.path.join(path, CONFIG_JSON))
-          and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)))
-
-
-def read_workdir_config(path: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run wrote to ``path/config.json``."""
-  cfg_path = os.path.join(path, CONFIG_JSON)
-  try:
-    with open(cfg_path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise UserError(f"{cfg_path}: unreadable training config ({e})") from e
-
-
-def workdir_latent_scale(path: str) -> Optional[float]:
-  """The latent scale a training workdir's data used (its config.json), or None if unknown."""
-  if not is_workdir(path):
-    return None
-  scale = read_workdir_config(path).data.get("latent_scale")
-  return float(scale) if scale is not None else None
 
 
 def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = None):
@@ -273,36 +247,33 @@ def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = No
 
   Only the EMA parameters are read (a partial restore), replicated over every
   device whatever layout the training run saved; an unreadable checkpoint is
-  skipped with a warning for the previous one.
+  skipped with a warning for the previous one (``workdir.restore_newest``).
   """
   path = os.path.abspath(path)  # Orbax refuses relative paths
-  config = read_workdir_config(path)
+  config = workdir_lib.read_config(path)
   config.model.dtype = dtype
   model = model_from_config(config)
-  ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
-  steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  ckpt_dir = workdir_lib.checkpoint_dir(path)
+  steps = workdir_lib.checkpoint_steps(ckpt_dir)
   if step is not None and step not in steps:
     raise UserError(f"{ckpt_dir}: no checkpoint for step {step} (have {steps})")
-  candidates = [step] if step is not None else list(reversed(steps))
-  if not candidates:
+  if not steps:
     raise UserError(f"{ckpt_dir}: no checkpoints yet")
-  target = abstract_params(model, sharding=shd.replicated(shd.data_mesh()))
-  errors = []
-  for s in candidates:
-    state_dir = os.path.join(ckpt_dir, str(s), "state")
-    try:
-      with ocp.PyTreeCheckpointer() as c:
-        restored = c.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item={"ema_params": target},
-            restore_args=ocp.checkpoint_utils.construct_restore_args({"ema_params": target}),
-            partial_restore=True))
-      return model, restored["ema_params"]
-    except Exception as e:  # pylint: disable=broad-except
-      first = first_line(e)
-      errors.append(f"{state_dir}: {type(e).__name__}: {first}")
-      print(f"WARNING: checkpoint {state_dir} is unreadable ({type(e).__name__}: {first}); "
-            "trying the previous one", flush=True)
-  raise UserError(f"{ckpt_dir}: no readable checkpoint ({'; '.join(errors)})")
+  target = {"ema_params": abstract_params(model, sharding=shd.replicated(shd.data_mesh()))}
+
+  def restore(s):
+    with ocp.PyTreeCheckpointer() as c:
+      return c.restore(
+          os.path.join(ckpt_dir, str(s), workdir_lib.STATE_ITEM),
+          args=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True))["ema_params"]
+
+  found, params, _ = workdir_lib.restore_newest(
+      ckpt_dir, [step] if step is not None else steps, restore)
+  if found is None:
+    raise UserError(f"{ckpt_dir}: no readable checkpoint (see the warnings above)")
+  return model, params
 
 
 # ---------------------------------------------------------------------------
@@ -341,7 +312,7 @@ class ModelLoader:
 MODEL_LOADERS: list[ModelLoader] = [
     ModelLoader("converted", is_converted_dir,
                 lambda path, dtype: load_converted(path, dtype=DTYPES[dtype])),
-    ModelLoader("workdir", is_workdir, load_workdir_ema),  # EMA weights of the newest checkpoint
+    ModelLoader("workdir", workdir_lib.is_workdir, load_workdir_ema),  # its newest EMA weights
 ]
 
 

@@ -1,6 +1,6 @@
 """Training checkpoints: Orbax ``CheckpointManager`` in ``WORKDIR/checkpoints``.
 
-Each checkpoint holds two items:
+Each checkpoint holds two items (names in ``deepflow_jax.workdir``):
 
 * ``state``: the whole ``TrainState`` (parameters, EMA parameters, optimiser
   state, step, RNG), restored straight into its sharded layout;
@@ -11,11 +11,11 @@ Saves are asynchronous (training continues while the previous save is written)
 and atomic (Orbax writes into a temporary directory and renames it when
 complete, so a run killed mid-save leaves no half checkpoint behind). Only the
 last ``keep`` are kept. ``restore_latest`` falls back to the previous
-checkpoint, with a warning naming the bad one, when the newest cannot be read.
+checkpoint, with a warning naming the bad one, when the newest cannot be read
+(``workdir.restore_newest``), and sets the bad ones aside.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Optional
 
@@ -23,15 +23,13 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from deepflow_jax.errors import first_line
-
-CHECKPOINT_DIR = "checkpoints"
+from deepflow_jax import workdir as workdir_lib
 
 
 class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.directory = workdir_lib.checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=False,  # the directory appears with the first save, not before
@@ -39,7 +37,7 @@ class Checkpointer:
         cleanup_tmp_directories=True,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data"))
+                                         item_names=workdir_lib.ITEM_NAMES)
     self._closed = False
 
   def all_steps(self) -> list[int]:
@@ -53,8 +51,8 @@ class Checkpointer:
     """Starts saving ``state`` and the data iterator state at ``step`` (asynchronously)."""
     return self.manager.save(
         int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                data=ocp.args.JsonSave(data_state or {})),
+        args=ocp.args.Composite(**{workdir_lib.STATE_ITEM: ocp.args.StandardSave(state),
+                                   workdir_lib.DATA_ITEM: ocp.args.JsonSave(data_state or {})}),
         force=force)
 
   def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
@@ -65,18 +63,24 @@ class Checkpointer:
     restored are moved (not deleted) to ``WORKDIR/unreadable_checkpoints/`` so
     the resumed run can save those steps again.
     """
-    bad = []
-    try:
-      return self._restore_newest(abstract_state, bad)
-    finally:
-      if bad:
-        self._set_aside(bad)
+    def restore(step):
+      return self.manager.restore(step, args=ocp.args.Composite(**{
+          workdir_lib.STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+          workdir_lib.DATA_ITEM: ocp.args.JsonRestore()}))
+
+    step, restored, bad = workdir_lib.restore_newest(self.directory, self.all_steps(), restore)
+    if bad:
+      self._set_aside(bad)
+    if step is None:
+      return None
+    return (step, restored[workdir_lib.STATE_ITEM],
+            dict(restored[workdir_lib.DATA_ITEM] or {}))
 
   def _set_aside(self, steps: list[int]) -> None:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("deepflow_jax:unreadable_checkpoints")
     if jax.process_index() == 0:
-      aside = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints")
+      aside = os.path.join(os.path.dirname(self.directory), workdir_lib.UNREADABLE_DIR)
       os.makedirs(aside, exist_ok=True)
       for step in steps:
         dest = os.path.join(aside, str(step))
@@ -90,35 +94,6 @@ class Checkpointer:
       multihost_utils.sync_global_devices("deepflow_jax:unreadable_checkpoints_moved")
     self.manager.reload()
 
-  def _restore_newest(self, abstract_state, bad):
-    # A failed restore leaves Orbax's pending async reads to die with the event loop, each
-    # logging an "Event loop is closed" traceback through asyncio's logger; the one
-    # warning line below says what happened.
-    asyncio_log = logging.getLogger("asyncio")
-    level = asyncio_log.level
-    asyncio_log.setLevel(logging.CRITICAL)
-    try:
-      return self._try_steps(abstract_state, bad)
-    finally:
-      asyncio_log.setLevel(level)
-
-  def _try_steps(self, abstract_state, bad):
-    for step in reversed(self.all_steps()):
-      try:
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                    data=ocp.args.JsonRestore()))
-      except Exception as e:  # pylint: disable=broad-except
-        # Orbax raises many types for missing/truncated/garbled files.
-        first = first_line(e)
-        print(f"WARNING: checkpoint {os.path.join(self.directory, str(step))} is unreadable "
-              f"({type(e).__name__}: {first}); falling back to the previous one", flush=True)
-        bad.append(step)
-        continue
-      return step, restored["state"], dict(restored["data"] or {})
-    return None
-
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -129,12 +104,3 @@ class Checkpointer:
     self._closed = True
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def __getattr__(name: str):
-  # ``deepflow_jax.checkpointing.load_workdir_ema`` was public before the loaders moved to
-  # ``deepflow_jax.models.loading``; resolved lazily because that module imports this one.
-  if name == "load_workdir_ema":
-    from deepflow_jax.models import loading  # pylint: disable=g-import-not-at-top
-    return loading.load_workdir_ema
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

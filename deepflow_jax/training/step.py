@@ -13,17 +13,12 @@ The batch is either pixels ``{"image", "label"}`` or stored VAE moments
 ``z = (mean + std * eps) * latent_scale`` with its own RNG (``latent_scale`` from the
 dataset's metadata, ``data.pipeline.DatasetInfo.latent_scale``).
 
-SSL alignment (``model.ssl_align``, REPA; ``docs/architecture.md``): the batch
-also carries the raw images, ``"image"`` uint8 (B, H, W, 3), and the Trainer
-holds a frozen DINOv2 (``load_alignment_encoder``). Inside the jitted step,
-``alignment_features`` preprocesses the images (``x / 255``, ImageNet mean/std,
-PyTorch's bicubic resize to ``14 G`` pixels for the model's ``G x G`` token grid:
-224 for 256-pixel ImageNet latents, 448 at 512, as the reference) and runs the
-encoder under ``stop_gradient`` in the model's compute dtype; its patch tokens
-(B, G*G, z_dim) are the projection loss's targets (``losses.projection_loss``,
-weight ``loss.proj_coeff``). The encoder parameters are a third, replicated,
-non-differentiated argument of the jitted step: not part of the train state and
-not checkpointed (they are read from ``model.encoder_path`` at start-up).
+SSL alignment (``model.ssl_align``, REPA; ``deepflow_jax.training.alignment``):
+the batch also carries the raw images, ``"image"`` uint8 (B, H, W, 3), and the
+Trainer holds a frozen DINOv2 whose patch features, computed inside the jitted
+step, are the projection loss's targets. The encoder parameters are a third,
+replicated, non-differentiated argument of the jitted step: not part of the train
+state and not checkpointed.
 """
 from __future__ import annotations
 
@@ -39,9 +34,11 @@ import optax
 
 from deepflow_jax import losses
 from deepflow_jax import sharding as shd
-from deepflow_jax.encoders import dinov2
 from deepflow_jax.errors import UserError
+from deepflow_jax.models import dinov2
 from deepflow_jax.models.deepflow import DeepFlow
+from deepflow_jax.models.vae import LATENT_SCALE
+from deepflow_jax.training.alignment import alignment_features
 
 
 @flax.struct.dataclass
@@ -111,58 +108,13 @@ def batch_keys(latent: bool, images: bool = False) -> tuple[str, ...]:
   return ("image", "label")
 
 
-def alignment_grid(model: DeepFlow) -> int:
-  """G: the model's token grid is G x G; the encoder's patch grid must be the same."""
-  return model.input_size // model.patch_size
-
-
-def load_alignment_encoder(config, model: DeepFlow) -> tuple[dinov2.DinoVisionTransformer, Any]:
-  """The frozen DINOv2 of ``model.encoder_path`` for SSL alignment -> ``(encoder, params)``.
-
-  Its position table is resampled at load to the model's token grid G (as the
-  reference does for REPA), its compute dtype is the model's, parameters are
-  float32 (host arrays). ``model.encoder_num_heads`` (0: the official DINOv2
-  width table) sets the heads. Raises ``UserError`` (one line) for a missing or
-  unreadable file, or an encoder whose width is not ``model.z_dim``.
-  """
-  m = config.model
-  path = str(m.encoder_path)
-  heads = int(m.encoder_num_heads) or None
-  try:
-    encoder, params = dinov2.load_dinov2(path, grid=alignment_grid(model), num_heads=heads,
-                                         dtype=model.dtype)
-  except UserError as e:
-    raise UserError(f"model.encoder_path: {e}") from e
-  if encoder.embed_dim != model.z_dim:
-    raise UserError(f"model.encoder_path={path!r}: the encoder's features have width "
-                    f"{encoder.embed_dim} but model.z_dim={model.z_dim}; set "
-                    f"--config.model.z_dim={encoder.embed_dim}")
-  return encoder, jax.device_get(params)
-
-
-def alignment_features(encoder: dinov2.DinoVisionTransformer, params, images: jax.Array
-                       ) -> jax.Array:
-  """uint8 images (N, H, W, 3) -> the encoder's patch tokens (N, G*G, D) float32, no gradient.
-
-  ``G = encoder.pos_grid``: the images are preprocessed to ``patch * G`` pixels
-  (``dinov2.preprocess_raw_image``), which is ``dinov2.repa_input_size`` for
-  256 and 512 pixels with the models' G of 16 and 32 (the reference's
-  ``preprocess_raw_image`` + ``forward_features``), so this equals
-  ``dinov2.repa_features`` there; tiny test models use a smaller G.
-  """
-  size = encoder.patch_size * encoder.pos_grid
-  x = dinov2.preprocess_raw_image(images, size)
-  out = encoder.apply({"params": params}, x)["x_norm_patchtokens"]
-  return jax.lax.stop_gradient(out.astype(jnp.float32))
-
-
 @dataclasses.dataclass
 class Trainer:
   config: Any
   model: DeepFlow
   mesh: Any
   latent: bool  # batches hold VAE moments (True) or pixels (False)
-  latent_scale: float = 0.18215  # z = (mean + std * eps) * latent_scale (the dataset's)
+  latent_scale: float = LATENT_SCALE  # z = (mean + std * eps) * latent_scale (the dataset's)
   # SSL alignment (model.ssl_align): the frozen image encoder and its parameters
   # (load_alignment_encoder); batches then also hold "image".
   encoder: Optional[dinov2.DinoVisionTransformer] = None
@@ -338,80 +290,3 @@ class Trainer:
   def global_batch(self, local_batch: dict) -> dict:
     return shd.global_batch({k: local_batch[k] for k in batch_keys(self.latent, self.images)},
                             self.mesh)
-
-
-# ---------------------------------------------------------------------------
-# Analytic FLOPs (for TFLOP/s and MFU).
-# ---------------------------------------------------------------------------
-
-
-def forward_flops_per_example(model: DeepFlow) -> float:
-  """Matmul FLOPs (2 per multiply-add) of one training forward pass of one example.
-
-  With width D, T tokens, depth L, K branches, MLP width M = mlp_ratio * D,
-  projector width P, patch output O = p * p * C (and z_dim Z with SSL alignment):
-
-  * patch embedding ``2 T O D``;
-  * each SiT block ``2 T D 3D`` (qkv) + ``4 T^2 D`` (q k^T and the weighted sum of v)
-    + ``2 T D D`` (output projection) + ``4 T D M`` (MLP) + ``2 D 6D`` (adaLN, per
-    example, not per token);
-  * the time embedder ``2 (256 D + D D)`` once per branch;
-  * ``2K - 1`` heads (K velocity, K - 1 acceleration), each ``2 T D O + 2 D 2D``;
-  * each of the K - 1 VeRA blocks: acceleration MLP (D -> P -> 2P -> P -> D)
-    ``2 T (D P + 4 P^2 + P D)``, time-gap modulation ``2 (2D)(4D)`` (adaLN) +
-    ``2 T (4 D^2 + 2 D^2)`` (MLP 2D -> 2D -> D), cross-space attention
-    ``2 T D 3D + 4 T^2 D + 2 T D D``, and the time-gap embedder
-    ``2 (256 2D + 4 D^2)``;
-  * with SSL alignment, K - 1 projectors ``2 T (D P + P P + P Z)``.
-
-  Element-wise work (norms, activations, softmax, the loss) is left out; XLA's
-  own count of a compiled forward, which includes it, is within 5% of this total
-  (``tests/test_train.py``).
-  """
-  d, t, l = model.hidden_size, model.num_tokens, model.depth
-  p_out = model.patch_size**2 * model.in_channels
-  k = model.num_branches
-  pdim = model.projector_dim
-  f = 2 * t * p_out * d  # patch embedding
-  block = (2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d + 4 * t * d * int(d * model.mlp_ratio)
-           + 2 * d * 6 * d)
-  f += l * block
-  f += k * 2 * (256 * d + d * d)  # t embedder, once per branch
-  head = 2 * t * d * p_out + 2 * d * 2 * d
-  f += (k + (k - 1)) * head  # velocity heads + acceleration heads
-  if k > 1:
-    vera = (2 * t * (d * pdim + 4 * pdim * pdim + pdim * d)  # acc MLP
-            + 2 * (2 * d) * (4 * d) + 2 * t * (4 * d * d + 2 * d * d)  # time-gap modulation
-            + 2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d)  # cross-space attention
-    f += (k - 1) * (vera + 2 * (256 * 2 * d + 4 * d * d))
-    if model.ssl_align:
-      f += (k - 1) * 2 * t * (d * pdim + pdim * pdim + pdim * model.z_dim)
-  return float(f)
-
-
-def train_flops_per_example(model: DeepFlow) -> float:
-  """Model FLOPs of one training example: forward + backward = 3 x the forward.
-
-  The backward pass of a matmul costs two matmuls of the same size (gradients of
-  its input and of its weight). Work repeated by rematerialisation
-  (``model.remat``) is not counted, so MFU stays comparable across remat policies
-  (it is "model FLOPs utilisation", not hardware FLOPs).
-  """
-  return 3.0 * forward_flops_per_example(model)
-
-
-# Dense bf16 peak FLOP/s per device by jax device_kind substring.
-PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-    "B200": 2250e12,
-}
-
-
-def peak_flops(device) -> Optional[float]:
-  kind = getattr(device, "device_kind", "")
-  for name, v in PEAK_FLOPS.items():
-    if name in kind:
-      return v
-  return None
-

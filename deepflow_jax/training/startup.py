@@ -1,0 +1,221 @@
+"""Everything a training run does before its first step, in order, and what it holds.
+
+``prepare(config, workdir, log, signals)`` checks the config and the paths,
+builds the mesh, the model, the data source and the ``Trainer``, points JAX's
+persistent compilation cache at the workdir, restores the newest readable
+checkpoint (or initialises, or fine-tunes from ``train.init_from``) and only
+then writes into the workdir: the resolved config and, once, the parameter
+table. A run refused by any check has written nothing. The result is a ``Run``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from clu import parameter_overview
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
+
+from deepflow_jax import config_lib
+from deepflow_jax import sharding as shd
+from deepflow_jax import workdir as workdir_lib
+from deepflow_jax.data import pipeline
+from deepflow_jax.data.common import DatasetInfo
+from deepflow_jax.errors import UserError
+from deepflow_jax.models.loading import is_converted_dir
+from deepflow_jax.models.loading import load_model
+from deepflow_jax.models.loading import model_from_config
+from deepflow_jax.signals import StopRequests
+from deepflow_jax.training import alignment
+from deepflow_jax.training.checkpoints import Checkpointer
+from deepflow_jax.training.step import Trainer
+from deepflow_jax.training.writer import MetricWriter
+
+
+@dataclasses.dataclass
+class Run:
+  """A prepared training run: what the loop and its hooks use.
+
+  ``state`` and ``step`` are where training starts (restored, fine-tuned or
+  fresh); ``last_saved`` is the step of the checkpoint it was restored from
+  (-1 when none).
+  """
+  config: Any
+  workdir: str
+  log: Callable[[str], None]
+  is_main: bool
+  mesh: Any
+  model: Any
+  info: DatasetInfo
+  trainer: Trainer
+  ckpt: Checkpointer
+  data_it: Any
+  writer: MetricWriter
+  signals: StopRequests
+  state: Any
+  step: int
+  last_saved: int
+
+  def stop_requested(self) -> bool:
+    """True once SIGTERM / SIGINT arrived (what long hooks ask between batches)."""
+    return self.signals.requested
+
+  def close(self) -> None:
+    """Waits for pending checkpoint writes; closes the metric writer and the data workers."""
+    self.ckpt.close()
+    self.writer.close()
+    if hasattr(self.data_it, "close"):
+      self.data_it.close()
+
+
+def compilation_cache_dir(config, workdir: str) -> Optional[str]:
+  """Where JAX's persistent compilation cache lives for this run (None: off).
+
+  ``JAX_COMPILATION_CACHE_DIR`` in the environment wins (JAX reads it itself);
+  otherwise ``train.compile_cache_dir``: ``""`` is ``WORKDIR/.jax_cache``,
+  ``"none"`` turns the cache off, anything else is the directory to use.
+  """
+  env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if env:
+    return env
+  setting = str(config.train.compile_cache_dir)
+  if setting == "none":
+    return None
+  return os.path.abspath(os.path.expanduser(
+      setting or os.path.join(workdir, workdir_lib.COMPILE_CACHE_DIR)))
+
+
+def setup_compilation_cache(config, workdir: str) -> Optional[str]:
+  """Points JAX's persistent compilation cache at ``compilation_cache_dir``; returns it.
+
+  Called before the run's first large compilation (the initialiser, the train
+  step): a restarted job then loads the compiled programs instead of compiling
+  them again. Every program is stored, not only those that took JAX's default of a
+  second to compile (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` in the
+  environment wins): the many small ones of a start-up add up (digits restart 12.9 s
+  -> 12.1 s, 1 -> 3 of 3 programs loaded; docs/benchmarks.md). A notebook's second
+  run with another directory switches the cache over.
+  """
+  path = compilation_cache_dir(config, workdir)
+  if path != jax.config.jax_compilation_cache_dir:
+    jax_compilation_cache.reset_cache()  # the cache is opened once; forget an earlier one
+    jax.config.update("jax_compilation_cache_dir", path)
+  if path and "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return path
+
+
+def check_data_matches_model(info: DatasetInfo, model) -> None:
+  want = (model.input_size, model.input_size, model.in_channels)
+  if tuple(info.shape) != want:
+    raise UserError(f"the data's examples are {tuple(info.shape)} (h, w, c) but the model expects "
+                    f"{want}: set model.input_size / model.in_channels to match")
+  if info.num_classes > model.num_classes:
+    raise UserError(f"the data has {info.num_classes} classes but model.num_classes="
+                    f"{model.num_classes}")
+
+
+def _check_paths(config, workdir: str) -> None:
+  """The workdir and the files the config names, before anything is built."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir}: exists and is not a directory")
+  t = config.train
+  if t.init_from and not (is_converted_dir(t.init_from) or workdir_lib.is_workdir(t.init_from)):
+    raise UserError(f"train.init_from={t.init_from!r}: not a converted checkpoint directory "
+                    "(python -m deepflow_jax.convert writes one) or a training workdir")
+  if config.sample.vae and not os.path.exists(config.sample.vae):
+    raise UserError(f"sample.vae={config.sample.vae!r}: no such VAE folder")
+
+
+def _build(config, workdir: str, log) -> tuple[Any, Any, Any, Trainer]:
+  """(mesh, model, data source, trainer); the SSL encoder is read here when the model aligns."""
+  platform = jax.default_backend()
+  mesh = shd.make_mesh(config)
+  model = model_from_config(config, platform, log=log)
+  encoder = encoder_params = None
+  if model.ssl_align:  # the frozen DINOv2 of model.encoder_path (checked before any compile)
+    encoder, encoder_params = alignment.load_alignment_encoder(config, model)
+  # Built once: the REPA layout walks its folder. SSL alignment reads the raw images too.
+  source = pipeline.make_source(config.data, images=model.ssl_align)
+  info = source.info
+  check_data_matches_model(info, model)
+  log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({platform}), "
+      f"processes: {jax.process_count()}, mesh: {dict(mesh.shape)}; data: {info.name} "
+      f"({info.num_examples:,} examples of {tuple(info.shape)}); compute dtype "
+      f"{np.dtype(model.dtype).name}")
+  if encoder is not None:
+    log(f"SSL alignment: DINOv2 ({encoder.depth} blocks, width {encoder.embed_dim}) from "
+        f"{config.model.encoder_path} on {encoder.pos_grid}x{encoder.pos_grid} patches of "
+        f"{encoder.patch_size * encoder.pos_grid}-pixel inputs (images {info.image_shape}), "
+        f"projection weight {float(config.loss.proj_coeff)}")
+  cache_dir = setup_compilation_cache(config, workdir)  # before the first large compilation
+  log(f"compilation cache: {cache_dir or 'off'}")
+  trainer = Trainer(config, model, mesh, latent=info.is_latent, latent_scale=info.latent_scale,
+                    encoder=encoder, encoder_params=encoder_params)
+  return mesh, model, source, trainer
+
+
+def _initial_state(config, trainer: Trainer, ckpt: Checkpointer, data_it, log
+                   ) -> tuple[Any, int, int]:
+  """(state, step, last_saved): the newest readable checkpoint, else fine-tuned or fresh."""
+  t = config.train
+  restored = ckpt.restore_latest(trainer.abstract_state)
+  if restored is not None:
+    step, state, data_state = restored
+    data_it.set_state(data_state)
+    log(f"resumed from {ckpt.directory}/{step}")
+    return state, step, step
+  if t.init_from:
+    # A converted checkpoint, or a training workdir's newest EMA weights. The sin-cos
+    # positions are not parameters: weights of another input_size (256 -> 512) fit.
+    _, params = load_model(t.init_from)
+    log(f"initialised from {t.init_from} (fine-tuning)")
+    return trainer.state_from_params(params, int(t.seed)), 0, -1
+  return trainer.init_state(int(t.seed)), 0, -1
+
+
+def _write_workdir(config, workdir: str, info: DatasetInfo, params, log) -> None:
+  """The resolved config (with what the data really used) and, once, the parameter table."""
+  os.makedirs(workdir, exist_ok=True)
+  resolved = config.copy_and_resolve_references()
+  if info.is_latent:  # what the run really used (the dataset's record or the default)
+    resolved.data.latent_scale = float(info.latent_scale)
+    resolved.data.vae_downsampling = int(info.vae_downsampling)
+  workdir_lib.write_config(workdir, config_lib.to_json_dict(resolved), log)
+  path = os.path.join(workdir, workdir_lib.OVERVIEW_FILE)
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  if os.path.exists(path):
+    log(f"parameters: {n:,} (table in {path})")
+    return
+  table = parameter_overview.get_parameter_overview(params, include_stats=False)
+  log(table)
+  with open(path + ".tmp", "w") as f:
+    f.write(table + "\n")
+  os.replace(path + ".tmp", path)
+
+
+def prepare(config, workdir: str, log: Callable[[str], None], signals: StopRequests) -> Run:
+  """Checks, builds, restores or initialises; then writes the config into the workdir.
+
+  ``config`` must have passed ``config_lib.validate``.
+  """
+  workdir = os.path.abspath(workdir)
+  _check_paths(config, workdir)
+  is_main = jax.process_index() == 0
+  mesh, model, source, trainer = _build(config, workdir, log)
+  t = config.train
+  ckpt = Checkpointer(workdir, keep=int(t.keep_ckpts))  # creates nothing until the first save
+  data_it = pipeline.make_train_iterator(
+      config.data, global_batch_size=int(t.global_batch_size), process_index=jax.process_index(),
+      process_count=jax.process_count(), seed=int(t.seed), source=source)
+  state, step, last_saved = _initial_state(config, trainer, ckpt, data_it, log)
+  if hasattr(data_it, "start_prefetch"):
+    data_it.start_prefetch()  # workers read the first batches while XLA compiles
+  # Everything the run needs is in hand: only now is anything written into the workdir.
+  if is_main:
+    _write_workdir(config, workdir, source.info, state.params, log)
+  writer = MetricWriter(os.path.join(workdir, workdir_lib.TB_DIR), enabled=is_main)
+  return Run(config, workdir, log, is_main, mesh, model, source.info, trainer, ckpt, data_it,
+             writer, signals, state, step, last_saved)
