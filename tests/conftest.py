@@ -1,5 +1,6 @@
 """Shared test fixtures. Golden files are copies of ../shared/golden (reference outputs)."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +20,15 @@ def cpu_env(devices=1, compile_cache=False):
   if compile_cache:
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax_cache"))
   return env
+
+
+def main_command(kill_at=None):
+  """argv up to the flags of ``python -m deepflow_jax.main``; ``kill_at``: the same run through
+  ``tests/sigkill_worker.py``, which SIGKILLs itself after that step once the newest checkpoint
+  before it is committed (a preemption without warning at a known point)."""
+  if kill_at is None:
+    return [sys.executable, "-m", "deepflow_jax.main"]
+  return [sys.executable, os.path.join(ROOT, "tests", "sigkill_worker.py"), f"--kill_at={kill_at}"]
 
 
 def restore_state(workdir, step):

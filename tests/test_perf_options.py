@@ -11,7 +11,6 @@
 import os
 import re
 import subprocess
-import sys
 
 import flax
 import jax
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import main_command
 from conftest import restore_state
 from deepflow_jax import config_lib
 from deepflow_jax import losses
@@ -130,10 +130,7 @@ def _main(workdir, *flags, timeout=300, kill_at=None):
   """``python -m deepflow_jax.main`` (``kill_at``: ``tests/sigkill_worker.py``, which SIGKILLs
   itself after that step, once the newest checkpoint before it is saved)."""
   merged = dict(f.split("=", 1) for f in (*TINY_FLAGS, *flags))
-  prog = (["-m", "deepflow_jax.main"] if kill_at is None else
-          [os.path.join(os.path.dirname(os.path.abspath(__file__)), "sigkill_worker.py"),
-           f"--kill_at={kill_at}"])
-  cmd = [sys.executable, *prog, f"--config={DIGITS}", f"--workdir={workdir}",
+  cmd = [*main_command(kill_at), f"--config={DIGITS}", f"--workdir={workdir}",
          *(f"{k}={v}" for k, v in merged.items())]
   return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(),
                         cwd=ROOT)

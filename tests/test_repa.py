@@ -24,7 +24,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,7 @@ import pytest
 from PIL import Image
 
 from conftest import cpu_env
+from conftest import main_command
 from conftest import restore_state
 from deepflow_jax import config_lib
 from deepflow_jax import losses
@@ -116,10 +116,7 @@ def run_main(workdir, data, *extra, devices=1, check=True, name="repa", kill_at=
   overrides.update({"data.path": data[name], "data.name": {"ar": "arrayrecord"}.get(name, name),
                     "model.encoder_path": data["encoder"]})
   overrides.update(dict(e.split("=", 1) for e in extra))
-  prog = (["-m", "deepflow_jax.main"] if kill_at is None else
-          [os.path.join(os.path.dirname(os.path.abspath(__file__)), "sigkill_worker.py"),
-           f"--kill_at={kill_at}"])
-  cmd = [sys.executable, *prog, f"--config={B2T}:ssl",
+  cmd = [*main_command(kill_at), f"--config={B2T}:ssl",
          f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(devices),
                      cwd=ROOT)

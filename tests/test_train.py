@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import cpu_env
+from conftest import main_command
 from conftest import restore_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,9 +42,7 @@ def run_main(workdir, *overrides, devices=1, timeout=300, check=True, config=DIG
   same and SIGKILLs itself after that step, once the newest checkpoint before it is saved)."""
   # One flag per key, later wins (absl would concatenate a repeated tuple override).
   merged = dict(a.split("=", 1) for a in (*(TINY if tiny else []), *overrides))
-  prog = (["-m", "deepflow_jax.main"] if kill_at is None else
-          [os.path.join(HERE, "sigkill_worker.py"), f"--kill_at={kill_at}"])
-  cmd = [sys.executable, *prog, f"--config={config}",
+  cmd = [*main_command(kill_at), f"--config={config}",
          f"--workdir={workdir}", *(f"{k}={v}" for k, v in merged.items())]
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(devices),
                      cwd=ROOT)
