@@ -10,12 +10,26 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 TINY2T_PT = os.path.join(DATA, "tiny2t.pt")
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "numeric: compares floating-point results with golden data or another "
+      "implementation; .ci/run reruns these under other OpenBLAS kernels and XLA CPU targets")
+
+
+def xla_flags(devices):
+  """The caller's XLA_FLAGS (e.g. ``--xla_cpu_max_isa=AVX`` from .ci/run) with the virtual
+  CPU device count replaced by ``devices``."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def cpu_env(devices=1, compile_cache=False):
   """The environment for a subprocess of the suite: CPU only with ``devices`` virtual
-  devices, the repository on PYTHONPATH; ``compile_cache`` shares one persistent
-  compilation cache among the suite's runs (unless the caller's environment names one)."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  devices (other XLA flags of the caller kept), the repository on PYTHONPATH;
+  ``compile_cache`` shares one persistent compilation cache among the suite's runs (unless
+  the caller's environment names one)."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   if compile_cache:
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax_cache"))

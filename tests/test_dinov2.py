@@ -41,6 +41,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import cpu_env
 from deepflow_jax.models import dinov2 as D
 from deepflow_jax.errors import UserError
 from deepflow_jax.torch_io import ConversionError
@@ -531,7 +532,7 @@ print(json.dumps({"devices": len(jax.devices()), "diff": diff,
 
 
 def test_sharded_batch_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = cpu_env(8)
   r = subprocess.run([sys.executable, "-c", _SHARDED, TINY_PTH], capture_output=True, text=True,
                      env=env, cwd=ROOT, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]

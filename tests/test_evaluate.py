@@ -21,6 +21,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import cpu_env
 from deepflow_jax import evaluate
 from deepflow_jax.evaluation import metrics as M
 from test_inception import golden_state_dict
@@ -37,9 +38,7 @@ GOLDEN_SFID = 60.04930477436801
 
 
 def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+  return cpu_env(1)
 
 
 def _cli(args, timeout=600):

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import cpu_env
 from deepflow_jax.models import inception as inc
 from deepflow_jax.models import inception_tf
 from deepflow_jax.errors import UserError
@@ -491,8 +492,7 @@ def test_sharded_over_8_devices_matches_one(tmp_path, params, adm_path, z):
   params_path, out_path = str(tmp_path / "params.npz"), str(tmp_path / "sharded.npz")
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   np.savez(params_path, **{"/".join(k.key for k in path): v for path, v in flat})
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env(8)
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--sharded-worker",
                          params_path, out_path],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

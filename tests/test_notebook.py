@@ -26,6 +26,7 @@ import numpy as np
 from ipykernel import kernelspec
 from PIL import Image
 
+from conftest import xla_flags
 from deepflow_jax.convert import load_torch_checkpoint
 from deepflow_jax.models import loading
 
@@ -46,7 +47,7 @@ def execute(tmp_path, monkeypatch, *, until=None, **env):
   monkeypatch.setenv("JUPYTER_PATH", str(spec_root))
   monkeypatch.setenv("DEEPFLOW_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  monkeypatch.setenv("XLA_FLAGS", xla_flags(2))
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR",
                      os.environ.get("JAX_COMPILATION_CACHE_DIR",
                                     os.path.join(ROOT, ".pytest_cache", "jax_cache")))

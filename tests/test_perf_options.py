@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import main_command
+from conftest import cpu_env, main_command
 from conftest import restore_state
 from deepflow_jax import config_lib
 from deepflow_jax import losses
@@ -120,8 +120,7 @@ def test_compilation_cache_location(tmp_path, monkeypatch):
 
 
 def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(cpu_env(1), JAX_LOG_COMPILES="1")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the run's own default location is tested
   return env
 

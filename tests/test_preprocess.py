@@ -18,6 +18,7 @@ import pytest
 from array_record.python import array_record_module
 from PIL import Image
 
+from conftest import cpu_env
 from deepflow_jax import preprocess
 from deepflow_jax.data import encode
 from deepflow_jax.data import image_sources
@@ -393,8 +394,7 @@ def test_independent_processes_and_finalize(folder, arrayrecord_out, tmp_path, c
 def test_two_devices_match_one(folder, arrayrecord_out, tmp_path):
   assert len(jax.local_devices()) == 1  # this process: one CPU device
   out = tmp_path / "out"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = cpu_env(2)
   proc = subprocess.run([sys.executable, "-m", "deepflow_jax.preprocess",
                          *args(folder, out)], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=300)
@@ -474,9 +474,7 @@ def test_coordinated_processes(folder, arrayrecord_out, tmp_path):
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   out = tmp_path / "out"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)
+  env = cpu_env(1)
   procs = [subprocess.Popen(
       [sys.executable, "-m", "deepflow_jax.preprocess", *args(folder, out), "--distributed",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],

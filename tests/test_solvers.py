@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import nhwc
+from conftest import nhwc, cpu_env
 from deepflow_jax import sampling
 from deepflow_jax.errors import UserError
 from deepflow_jax.models import DeepFlow
@@ -378,8 +378,7 @@ def test_device_count_invariance():
   evaluation) on the Gaussian stand-in: per-sample noise and labels come from (seed,
   index) only and no step mixes rows, so nothing may depend on how the batch is split.
   """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env(8)
   r = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, ",".join(DEVICE_SAMPLERS)], env=env,
                      cwd=ROOT,
                      capture_output=True, text=True, timeout=600)
