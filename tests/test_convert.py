@@ -15,6 +15,9 @@ from deepflow_jax.models import loading
 from deepflow_jax.torch_io import ConversionError
 from torch_reference import DeepFlowTorch, randomize_
 
+# Rerun by .ci/run under other OpenBLAS kernels and XLA CPU targets (conftest: `numeric`).
+pytestmark = pytest.mark.numeric
+
 ATOL = 2e-5  # float32 parity; see test_model.py for the justification
 
 

@@ -46,6 +46,9 @@ from deepflow_jax.models import dinov2 as D
 from deepflow_jax.errors import UserError
 from deepflow_jax.torch_io import ConversionError
 
+# Rerun by .ci/run under other OpenBLAS kernels and XLA CPU targets (conftest: `numeric`).
+pytestmark = pytest.mark.numeric
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TINY_PTH = os.path.join(DATA, "dinov2_tiny.pth")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -26,6 +26,9 @@ from deepflow_jax import evaluate
 from deepflow_jax.evaluation import metrics as M
 from test_inception import golden_state_dict
 
+# Rerun by .ci/run under other OpenBLAS kernels and XLA CPU targets (conftest: `numeric`).
+pytestmark = pytest.mark.numeric
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 

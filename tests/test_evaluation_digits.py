@@ -6,6 +6,9 @@ from deepflow_jax.data import digits
 from deepflow_jax.errors import UserError
 from deepflow_jax.evaluation import digits as digits_eval
 
+# Rerun by .ci/run under other OpenBLAS kernels and XLA CPU targets (conftest: `numeric`).
+pytestmark = pytest.mark.numeric
+
 
 @pytest.fixture(scope="module")
 def classifier8(tmp_path_factory):

@@ -43,6 +43,9 @@ from deepflow_jax.models import inception_tf
 from deepflow_jax.errors import UserError
 from deepflow_jax.torch_io import ConversionError
 
+# Rerun by .ci/run under other OpenBLAS kernels and XLA CPU targets (conftest: `numeric`).
+pytestmark = pytest.mark.numeric
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JSON = os.path.join(DATA, "fid_inception_tiny.json")

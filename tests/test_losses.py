@@ -11,6 +11,9 @@ import pytest
 from conftest import nhwc
 from deepflow_jax import losses
 
+# Rerun by .ci/run under other OpenBLAS kernels and XLA CPU targets (conftest: `numeric`).
+pytestmark = pytest.mark.numeric
+
 ATOL = 2e-5
 
 

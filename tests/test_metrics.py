@@ -30,6 +30,9 @@ import pytest
 from deepflow_jax.errors import UserError
 from deepflow_jax.evaluation import metrics as M
 
+# Rerun by .ci/run under other OpenBLAS kernels and XLA CPU targets (conftest: `numeric`).
+pytestmark = pytest.mark.numeric
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 FID_CASES = ("well", "rankdef", "zerovar", "identical")
 # Acts not stored in the subset: they are these arrays (see the module docstring).

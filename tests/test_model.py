@@ -15,6 +15,9 @@ import pytest
 from conftest import nhwc
 from deepflow_jax.models import DeepFlow, get_model, sincos_pos_embed, PRESETS
 
+# Rerun by .ci/run under other OpenBLAS kernels and XLA CPU targets (conftest: `numeric`).
+pytestmark = pytest.mark.numeric
+
 ATOL = 2e-5
 
 

@@ -45,6 +45,11 @@ def execute(tmp_path, monkeypatch, *, until=None, **env):
   spec_root = tmp_path / "jupyter"
   kernelspec.write_kernel_spec(spec_root / "kernels" / KERNEL)  # argv: this sys.executable
   monkeypatch.setenv("JUPYTER_PATH", str(spec_root))
+  # The kernel's connection file, IPython's profile and matplotlib's cache go under tmp_path,
+  # not $HOME: the suite must pass with a read-only home directory.
+  monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter" / "runtime"))
+  monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+  monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "matplotlib"))
   monkeypatch.setenv("DEEPFLOW_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("XLA_FLAGS", xla_flags(2))

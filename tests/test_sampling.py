@@ -23,6 +23,9 @@ from deepflow_jax import sampling
 from deepflow_jax.models import DeepFlow
 from deepflow_jax.sampling import SamplerSettings as S
 
+# Rerun by .ci/run under other OpenBLAS kernels and XLA CPU targets (conftest: `numeric`).
+pytestmark = pytest.mark.numeric
+
 ATOL = 2e-5
 N = 3  # conditional rows of the golden sampler runs
 

@@ -37,6 +37,9 @@ from deepflow_jax.errors import UserError
 from deepflow_jax.models import DeepFlow
 from deepflow_jax.sampling import SamplerSettings as Settings
 
+# Rerun by .ci/run under other OpenBLAS kernels and XLA CPU targets (conftest: `numeric`).
+pytestmark = pytest.mark.numeric
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEANS = np.array([0.5, -1.0, 2.0, 0.0], np.float32)  # classes 0..2, then the null label
 S = 2.0  # data std (wider than the noise; see ORDERS for why)

@@ -30,6 +30,9 @@ from deepflow_jax.evaluation import reference
 from deepflow_jax.evaluation import suite
 from evaluation_standin import images, standin
 
+# Rerun by .ci/run under other OpenBLAS kernels and XLA CPU targets (conftest: `numeric`).
+pytestmark = pytest.mark.numeric
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 

@@ -25,6 +25,9 @@ from deepflow_jax.models import vae as V
 from deepflow_jax.torch_io import ConversionError
 from deepflow_jax.torch_io import flatten_tree
 
+# Rerun by .ci/run under other OpenBLAS kernels and XLA CPU targets (conftest: `numeric`).
+pytestmark = pytest.mark.numeric
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TINY_DIR = os.path.join(DATA, "vae_tiny")
 INPUTS = ("x", "z", "eps", "extreme_moments")
