@@ -76,6 +76,17 @@ class Checkpointer:
     return (step, restored[workdir_lib.STATE_ITEM],
             dict(restored[workdir_lib.DATA_ITEM] or {}))
 
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    """The ``TrainState`` of checkpoint ``step`` alone (a rollback keeps the data where it is)."""
+    self.manager.wait_until_finished()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        workdir_lib.STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    return restored[workdir_lib.STATE_ITEM]
+
+  def set_aside(self, steps: list[int]) -> None:
+    """Moves checkpoints ``steps`` (not deleted) to ``WORKDIR/unreadable_checkpoints/``."""
+    self._set_aside(steps)
+
   def _set_aside(self, steps: list[int]) -> None:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("deepflow_jax:unreadable_checkpoints")

@@ -167,13 +167,19 @@ def _initial_state(config, trainer: Trainer, ckpt: Checkpointer, data_it, log
     data_it.set_state(data_state)
     log(f"resumed from {ckpt.directory}/{step}")
     return state, step, step
+  return fresh_state(config, trainer, log), 0, -1
+
+
+def fresh_state(config, trainer: Trainer, log) -> Any:
+  """The state at step 0: fine-tuned from ``train.init_from``, else freshly initialised."""
+  t = config.train
   if t.init_from:
     # A converted checkpoint, or a training workdir's newest EMA weights. The sin-cos
     # positions are not parameters: weights of another input_size (256 -> 512) fit.
     _, params = load_model(t.init_from)
     log(f"initialised from {t.init_from} (fine-tuning)")
-    return trainer.state_from_params(params, int(t.seed)), 0, -1
-  return trainer.init_state(int(t.seed)), 0, -1
+    return trainer.state_from_params(params, int(t.seed))
+  return trainer.init_state(int(t.seed))
 
 
 def _write_workdir(config, workdir: str, info: DatasetInfo, params, log) -> None:
