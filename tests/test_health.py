@@ -75,3 +75,57 @@ def test_poisoned_batch_is_skipped_with_the_state_unchanged():
   state, m = tr.step(state, tr.global_batch(_latent_batch(rng)))
   assert (int(state.skipped_steps), int(state.skip_streak)) == (1, 0)
   assert not np.array_equal(_leaves(state.params)[0], before[0][0])
+
+
+DIGITS = os.path.join(ROOT, "configs", "digits.py")
+TINY = [
+    "--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
+    "--config.model.df_idxs=(1,)", "--config.model.projector_dim=32",
+    "--config.loss.scale_weight=(0.2,1.0)", "--config.train.global_batch_size=16",
+    "--config.train.log_every=1", "--config.sample.grid_classes=0", "--config.eval.num_samples=0",
+    "--config.optim.warmup_steps=0",
+]
+
+
+def run_main(workdir, *overrides, timeout=300, module="deepflow_jax.main"):
+  """``python -m deepflow_jax.main`` on the tiny digits model (later flags win)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  merged = dict(a.split("=", 1) for a in (*TINY, *overrides))
+  cmd = [sys.executable, "-m", module, f"--config={DIGITS}", f"--workdir={workdir}",
+         *(f"{k}={v}" for k, v in merged.items())]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                        env=cpu_env(1, compile_cache=True), cwd=ROOT)
+
+
+def _error_lines(stderr):
+  return [l for l in stderr.splitlines() if l.strip()]
+
+
+def _all_finite(tree):
+  return all(np.isfinite(x).all() for x in _leaves(tree) if x.dtype.kind == "f")
+
+
+def test_forced_divergence_rolls_back_then_stops_with_exit_3(tmp_path):
+  """lr=1e6 without warmup: the loss is NaN from step 3 on; a streak of 2 skipped steps rolls
+  back to the newest (finite) checkpoint, the second divergence without progress stops with
+  one error line and exit 3. Every checkpoint left is finite, metrics.jsonl is strict JSON."""
+  from conftest import restore_state  # pylint: disable=g-import-not-at-top
+  w = tmp_path / "w"
+  r = run_main(w, "--config.optim.learning_rate=1e6", "--config.train.ckpt_every=1",
+               "--config.train.max_skip_streak=2", "--config.train.max_rollbacks=1",
+               "--config.train.num_steps=20")
+  assert r.returncode == 3, r.stderr[-3000:]
+  lines = _error_lines(r.stderr)
+  assert len(lines) == 1 and lines[0].startswith("error: training diverged at step "), lines
+  assert "last good checkpoint: step" in lines[0] and str(w / "checkpoints") in lines[0]
+  assert "rolled back to step" in r.stdout
+  steps = sorted(int(s) for s in os.listdir(w / "checkpoints") if s.isdigit())
+  assert steps and all(not s.startswith("tmp") for s in os.listdir(w / "checkpoints"))
+  for s in steps:
+    state = restore_state(w, s)
+    assert _all_finite(state["params"]) and _all_finite(state["ema_params"]), s
+  with open(w / "metrics.jsonl") as f:
+    rows = [json.loads(l, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+            for l in f]
+  assert any(row["loss"] is None for row in rows) and rows[-1]["skip_streak"] >= 2

@@ -127,6 +127,7 @@ def _steps(run: startup.Run, ckpt: hooks_lib.CheckpointHook, hooks: list[hooks_l
   state, step = run.state, run.step
   meter = Meter(run.model, int(t.global_batch_size), num_steps, step)
   policy = DivergencePolicy.from_config(run.config)
+  save_due = False  # a checkpoint waits for the end of a skip streak
   status = _stop_status(run, step)  # a signal during start-up: stop before compiling the step
   while status is None and step < num_steps:
     t0 = time.perf_counter()
@@ -140,15 +141,21 @@ def _steps(run: startup.Run, ckpt: hooks_lib.CheckpointHook, hooks: list[hooks_l
       out = _logged(run, meter, step, metrics)
       yield out
       reason = policy.check(step, loss=out["loss"], skip_streak=int(out["skip_streak"]))
-    if reason is None and step < num_steps and ckpt.due(step):
-      # The last step's checkpoint and hooks are _finish's. A save is refused for a
-      # state that is not finite; a long skip streak is not saved either.
-      reason = policy.check(step, skip_streak=int(state.skip_streak))
-      if reason is None and not ckpt.save(step, state):
-        reason = policy.check(step, finite_state=False)
+    save_due = save_due or ckpt.due(step)
+    if reason is None and step < num_steps and save_due:
+      # The last step's checkpoint and hooks are _finish's. A save due during a skip
+      # streak waits for the first good step (asked each step until then); a state
+      # that is not finite is never saved.
+      streak = int(state.skip_streak)
+      reason = policy.check(step, skip_streak=streak)
+      if reason is None and streak == 0:
+        save_due = False
+        if not ckpt.save(step, state):
+          reason = policy.check(step, finite_state=False)
     if reason is not None:
       state, step = _roll_back(run, ckpt, policy, step, reason)
       meter = Meter(run.model, int(t.global_batch_size), num_steps, step)
+      save_due = False
     elif step < num_steps:
       try:  # a signal during these stops them (StopSampling); the check below then saves
         for m in hooks_lib.run_hooks(hooks, step, state, final=False, log=run.log):
