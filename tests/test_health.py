@@ -129,3 +129,37 @@ def test_forced_divergence_rolls_back_then_stops_with_exit_3(tmp_path):
     rows = [json.loads(l, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
             for l in f]
   assert any(row["loss"] is None for row in rows) and rows[-1]["skip_streak"] >= 2
+
+
+def _listing(root):
+  """{relative path: md5} of every file under ``root`` (a workdir's full state)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(d, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, root)] = hashlib.md5(fh.read()).hexdigest()
+  return out
+
+
+def test_changed_architecture_resume_is_refused_and_allowed_changes_resume(tmp_path):
+  """A resume with another hidden_size: one line naming the key, exit 2, the workdir's files
+  (names and bytes) unchanged. A resume changing only num_steps / intervals continues."""
+  w = tmp_path / "w"
+  r = run_main(w, "--config.train.num_steps=2", "--config.train.ckpt_every=1")
+  assert r.returncode == 0, r.stderr[-3000:]
+  before = _listing(w)
+  r = run_main(w, "--config.train.num_steps=2", "--config.train.ckpt_every=1",
+               "--config.model.hidden_size=48")
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = _error_lines(r.stderr)
+  assert len(lines) == 1 and "model.hidden_size: 32 -> 48" in lines[0], lines
+  assert _listing(w) == before
+  r = run_main(w, "--config.train.num_steps=3", "--config.train.ckpt_every=2",
+               "--config.train.log_every=3")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from" in r.stdout and "3 steps done" in r.stdout
+  with open(w / "metrics.jsonl") as f:
+    steps = [json.loads(l)["step"] for l in f]
+  assert steps == sorted(set(steps)), steps  # no duplicate rows
