@@ -94,6 +94,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_ckpts = 3
   c.train.sample_every = 50_000  # PNG grid of EMA samples; 0 = only at the end
   c.train.init_from = ""  # fine-tune from: a converted checkpoint dir, or a workdir (its EMA)
+  # Divergence policy (training/health.py, checked at logged and checkpoint steps):
+  # steps whose loss or gradients are not finite are skipped; after max_skip_streak
+  # consecutive skips (0: never), or a logged loss above loss_spike_factor x the
+  # median of the last loss_spike_window logged losses (0: off), the run rolls back
+  # to its newest finite checkpoint and skips the batches that led there; after
+  # max_rollbacks rollbacks without progress it stops (exit 3).
+  c.train.max_skip_streak = 20
+  c.train.loss_spike_factor = 10.0
+  c.train.loss_spike_window = 20
+  c.train.max_rollbacks = 3
   # JAX's persistent compilation cache, so that a restarted job skips compiling:
   # "" = WORKDIR/.jax_cache, "none" = off, else a directory (may be shared by runs).
   # JAX_COMPILATION_CACHE_DIR in the environment takes precedence.
@@ -259,10 +269,11 @@ _CHOICES = (("model.dtype", ("auto",) + tuple(_DTYPES)), ("model.param_dtype", t
             ("optim.schedule", ("constant", "cosine")),
             ("distributed.initialize", ("auto", "always", "never")))
 _MINIMA = (("train.num_steps", 0), ("train.log_every", 1), ("train.ckpt_every", 1),
-           ("train.keep_ckpts", 1), ("train.sample_every", 0), ("optim.warmup_steps", 0),
+           ("train.keep_ckpts", 1), ("train.sample_every", 0), ("train.max_skip_streak", 0),
+           ("train.loss_spike_window", 1), ("train.max_rollbacks", 0), ("optim.warmup_steps", 0),
            ("sample.grid_per_class", 1), ("sample.grid_classes", 0), ("eval.num_samples", 0),
            ("eval.batch_size", 1), ("eval.fid_every", 0), ("eval.fid_num_samples", 4))
-_NON_NEGATIVE = ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "loss.beta",
+_NON_NEGATIVE = ("train.loss_spike_factor", "optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "loss.beta",
                  "loss.acc_coeff", "loss.proj_coeff")
 
 

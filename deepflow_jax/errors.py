@@ -4,7 +4,8 @@
   data). Its message is one line naming what was wrong and what was expected.
 * ``cli_main``: wraps an entry point's ``main(argv)``: a ``UserError`` becomes
   ``error: ...`` on stderr and exit status 2; ``Stopped`` (SIGTERM / SIGINT in a
-  phase with nothing to save) one ``stopped by ...`` line and 143 / 130; Ctrl-C
+  phase with nothing to save) one ``stopped by ...`` line and 143 / 130; ``Diverged``
+  (training gave up after its rollbacks) one ``error: ...`` line and exit 3; Ctrl-C
   outside a handled phase exits 130 with one line; any other exception is
   reported in one line (exit 1) unless ``DEEPFLOW_DEBUG=1`` is set, which shows
   the full traceback.
@@ -20,6 +21,7 @@ import sys
 
 DEBUG_ENV = "DEEPFLOW_DEBUG"
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
 
 
 class UserError(ValueError):
@@ -32,6 +34,12 @@ class Stopped(Exception):
   def __init__(self, message: str, exit_status: int):
     self.exit_status = exit_status
     super().__init__(message)
+
+
+class Diverged(Exception):
+  """Training diverged again after ``train.max_rollbacks`` rollbacks: one line, exit 3."""
+
+  exit_status = EXIT_DIVERGED
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
@@ -64,6 +72,9 @@ def cli_main(fn):
     except Stopped as e:
       print(f"stopped by {e}", file=sys.stderr, flush=True)
       return e.exit_status
+    except Diverged as e:
+      print_error(str(e))
+      return EXIT_DIVERGED
     except KeyboardInterrupt:
       if debug():
         raise

@@ -748,6 +748,20 @@ class StopSampling(Exception):
   """``sample_many`` was asked to stop (``should_stop``) before it finished."""
 
 
+class NonFiniteSamples(UserError):
+  """``sample_many`` drew samples holding NaN or Inf (weights that do not sample)."""
+
+
+def check_finite_samples(x: np.ndarray, start_index: int = 0) -> None:
+  """Raises ``NonFiniteSamples`` naming how many of the samples ``x`` hold NaN or Inf."""
+  bad = ~np.isfinite(np.asarray(x, np.float32)).reshape(len(x), -1).all(axis=1)
+  if bad.any():
+    raise NonFiniteSamples(
+        f"{int(bad.sum())} of {len(x)} samples (indices from {start_index + int(np.argmax(bad))}) "
+        "hold NaN or Inf: the weights do not sample (a diverged or corrupt checkpoint?); "
+        "nothing was written from them")
+
+
 def sample_many(model, params, labels: Sequence[int], settings: SamplerSettings, *,
                 seed: int = 0, per_device_batch: int = 16, mesh: Optional[Mesh] = None,
                 start_index: int = 0, progress: Optional[str] = None,
@@ -762,6 +776,7 @@ def sample_many(model, params, labels: Sequence[int], settings: SamplerSettings,
   ``progress`` names a progress line (rate, ETA) printed by process 0.
   ``should_stop()`` is asked after every batch; when it says so, sampling stops
   and ``StopSampling`` is raised (e.g. SIGTERM during a long end-of-run phase).
+  A batch holding NaN or Inf raises ``NonFiniteSamples`` (one line).
   """
   mesh = mesh if mesh is not None else shd.data_mesh()
   labels = np.asarray(labels, np.int32).reshape(-1)
@@ -786,6 +801,7 @@ def sample_many(model, params, labels: Sequence[int], settings: SamplerSettings,
     lab_arr = jax.make_array_from_callback((batch,), data, lambda s, a=lab: a[s])
     x, _ = fn(params, seed_arr, idx_arr, lab_arr, *scalars)
     out.append(shd.host_array(x)[:count])
+    check_finite_samples(out[-1], start_index + start)
     if bar is not None:
       bar.update(count)
     if should_stop is not None and should_stop() and start + batch < n:

@@ -26,6 +26,12 @@ from jax.experimental import multihost_utils
 from deepflow_jax import workdir as workdir_lib
 
 
+def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """``{"params/blocks_0/...": shape}`` of a state tree (arrays, shape structs or metadata)."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
@@ -75,6 +81,25 @@ class Checkpointer:
       return None
     return (step, restored[workdir_lib.STATE_ITEM],
             dict(restored[workdir_lib.DATA_ITEM] or {}))
+
+  def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """``{"params/blocks_0/...": shape}`` of checkpoint ``step``'s state, from its metadata
+    alone (nothing restored); raises when the metadata cannot be read."""
+    path = os.path.join(self.directory, str(step), workdir_lib.STATE_ITEM)
+    with ocp.StandardCheckpointer() as c:
+      meta = c.metadata(path).item_metadata
+    return tree_shapes(meta)
+
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    """The ``TrainState`` of checkpoint ``step`` alone (a rollback keeps the data where it is)."""
+    self.manager.wait_until_finished()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        workdir_lib.STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    return restored[workdir_lib.STATE_ITEM]
+
+  def set_aside(self, steps: list[int]) -> None:
+    """Moves checkpoints ``steps`` (not deleted) to ``WORKDIR/unreadable_checkpoints/``."""
+    self._set_aside(steps)
 
   def _set_aside(self, steps: list[int]) -> None:
     if jax.process_count() > 1:

@@ -54,16 +54,28 @@ class Hook:
 
 
 class CheckpointHook(Hook):
-  """Saves the state and the data iterator's position every ``every`` steps."""
+  """Saves the state and the data iterator's position every ``every`` steps.
 
-  def __init__(self, ckpt: Checkpointer, data_it, every: int, last_saved: int):
+  ``is_finite(state)`` is asked first: a state whose parameters or EMA hold
+  NaN or Inf is never saved (one line says so).
+  """
+
+  def __init__(self, ckpt: Checkpointer, data_it, every: int, last_saved: int, *,
+               is_finite: Callable[[Any], bool] = lambda state: True,
+               log: Callable[[str], None] = print):
     self.ckpt, self.data_it, self.every, self.at_end = ckpt, data_it, int(every), True
-    self.last_saved = last_saved
+    self.last_saved, self.is_finite, self.log = last_saved, is_finite, log
 
-  def save(self, step: int, state, *, force: bool = False) -> None:
-    if step != self.last_saved:
-      self.ckpt.save(step, state, self.data_it.get_state(), force=force)
-      self.last_saved = step
+  def save(self, step: int, state, *, force: bool = False) -> bool:
+    """Starts the save of ``step``; False when the state is not finite (nothing written)."""
+    if step == self.last_saved:
+      return True
+    if not self.is_finite(state):
+      self.log(f"WARNING: not saving step {step}: parameters or EMA hold NaN or Inf")
+      return False
+    self.ckpt.save(step, state, self.data_it.get_state(), force=force)
+    self.last_saved = step
+    return True
 
   def run(self, step, state):
     self.save(step, state)
@@ -213,7 +225,8 @@ def make_hooks(run) -> tuple[CheckpointHook, list[Hook]]:
   decode = (LatentDecoder(c.sample.vae, run.mesh, run.info.latent_scale)
             if run.info.is_latent and c.sample.vae else None)
   common = dict(seed=int(t.seed), mesh=run.mesh, should_stop=run.stop_requested)
-  ckpt = CheckpointHook(run.ckpt, run.data_it, int(t.ckpt_every), run.last_saved)
+  ckpt = CheckpointHook(run.ckpt, run.data_it, int(t.ckpt_every), run.last_saved,
+                        is_finite=run.trainer.state_is_finite, log=run.log)
   others: list[Hook] = [
       SampleGridHook(run.model, settings, c.sample, workdir=run.workdir, decode=decode,
                      latent=run.info.is_latent, is_main=run.is_main, log=run.log,
@@ -225,12 +238,21 @@ def make_hooks(run) -> tuple[CheckpointHook, list[Hook]]:
   return ckpt, others
 
 
-def run_hooks(hooks: list[Hook], step: int, state, *, final: bool) -> list[dict[str, Any]]:
-  """Runs the hooks due at ``step`` (``final``: those that run at the end); their metrics."""
+def run_hooks(hooks: list[Hook], step: int, state, *, final: bool,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """Runs the hooks due at ``step`` (``final``: those that run at the end); their metrics.
+
+  A hook whose EMA samples hold NaN or Inf is skipped with one line (nothing is
+  written from them); the others still run.
+  """
   out = []
   for h in hooks:
     if (h.at_end if final else h.due(step)):
-      m = h.run(step, state)
+      try:
+        m = h.run(step, state)
+      except sampling.NonFiniteSamples as e:
+        log(f"WARNING: {type(h).__name__} at step {step} skipped: {e}")
+        continue
       if m:
         out.append(m)
   return out

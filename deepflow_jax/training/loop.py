@@ -15,7 +15,10 @@ evaluation), ``training.meter`` measures throughput. The workdir's layout is
 ``deepflow_jax.workdir``'s.
 
 Return status: 0 when the run finished, 143 / 130 after a SIGTERM / SIGINT save
-(143 also for a multi-host preemption).
+(143 also for a multi-host preemption). Steps whose loss or gradients are not
+finite are skipped inside the step; a diverged run rolls back to its newest
+finite checkpoint and, after ``train.max_rollbacks`` rollbacks without
+progress, raises ``errors.Diverged`` (exit 3; ``training.health``).
 """
 from __future__ import annotations
 
@@ -27,9 +30,11 @@ import jax
 from deepflow_jax import config_lib
 from deepflow_jax import sampling
 from deepflow_jax import sharding as shd
+from deepflow_jax.errors import Diverged
 from deepflow_jax.signals import StopRequests
 from deepflow_jax.training import hooks as hooks_lib
 from deepflow_jax.training import startup
+from deepflow_jax.training.health import DivergencePolicy
 from deepflow_jax.training.meter import Meter
 
 EXIT_PREEMPTED = 143
@@ -65,16 +70,64 @@ def _logged(run: startup.Run, meter: Meter, step: int, metrics) -> dict[str, flo
   return {"step": step, **out}
 
 
+def _newest_finite_checkpoint(run: startup.Run) -> tuple[Optional[int], Any]:
+  """(step, state) of the newest checkpoint whose parameters and EMA are finite, or (None,
+  None); newer ones that are not (or cannot be read) are set aside, not deleted."""
+  run.ckpt.wait()
+  bad = []
+  found = (None, None)
+  for s in reversed(run.ckpt.all_steps()):
+    try:
+      state = run.ckpt.restore_state(s, run.trainer.abstract_state)
+    except Exception:  # pylint: disable=broad-except  # Orbax raises many types
+      state = None
+    if state is not None and run.trainer.state_is_finite(state):
+      found = (s, state)
+      break
+    bad.append(s)
+  if bad:
+    run.ckpt.set_aside(bad)
+  return found
+
+
+def _roll_back(run: startup.Run, ckpt: hooks_lib.CheckpointHook, policy: DivergencePolicy,
+               step: int, reason: str) -> tuple[Any, int]:
+  """Restores the newest finite checkpoint (else the step-0 state), keeping the data iterator
+  past the batches that led to ``step``; raises ``Diverged`` when no rollback is left."""
+  if not policy.diverged(step):
+    run.ckpt.wait()
+    last = run.ckpt.latest_step()
+    where = (f"step {last} in {run.ckpt.directory}" if last is not None else
+             "none yet, a rerun starts afresh")
+    raise Diverged(f"training diverged at step {step} ({reason}) after "
+                   f"{policy.max_rollbacks} rollback(s) without progress (last good checkpoint: "
+                   f"{where}); change the settings (e.g. optim.learning_rate) and rerun to "
+                   "resume")
+  good, state = _newest_finite_checkpoint(run)
+  ckpt.last_saved = -1 if good is None else good
+  source = f"{run.ckpt.directory}/{good}"
+  if good is None:
+    good, source = 0, "the initial state"
+    state = startup.fresh_state(run.config, run.trainer, lambda msg: None)
+  run.log(f"WARNING: diverged at step {step} ({reason}); rolled back to step {good} "
+          f"({source}), skipping the {step - good} batches read since (rollback "
+          f"{policy.rollbacks} of {policy.max_rollbacks})")
+  return state, good
+
+
 def _steps(run: startup.Run, ckpt: hooks_lib.CheckpointHook, hooks: list[hooks_lib.Hook]):
   """Trains from ``run.step`` to ``train.num_steps``, yielding every logged step's metrics.
 
   Returns ``(status, state, step)``: status None when every step is done, else
-  the exit status of a stop (the state saved).
+  the exit status of a stop (the state saved). Divergence (``training.health``)
+  rolls back or raises ``Diverged``.
   """
   t = run.config.train
   num_steps, log_every = int(t.num_steps), int(t.log_every)
   state, step = run.state, run.step
   meter = Meter(run.model, int(t.global_batch_size), num_steps, step)
+  policy = DivergencePolicy.from_config(run.config)
+  save_due = False  # a checkpoint waits for the end of a skip streak
   status = _stop_status(run, step)  # a signal during start-up: stop before compiling the step
   while status is None and step < num_steps:
     t0 = time.perf_counter()
@@ -83,13 +136,29 @@ def _steps(run: startup.Run, ckpt: hooks_lib.CheckpointHook, hooks: list[hooks_l
     state, metrics = run.trainer.step(state, run.trainer.global_batch(batch))
     step += 1
     meter.step_done()
+    reason = None
     if step % log_every == 0 or step == num_steps:
-      yield _logged(run, meter, step, metrics)
-    if step < num_steps:  # the last step's checkpoint and hooks are _finish's
-      if ckpt.due(step):
-        ckpt.run(step, state)
+      out = _logged(run, meter, step, metrics)
+      yield out
+      reason = policy.check(step, loss=out["loss"], skip_streak=int(out["skip_streak"]))
+    save_due = save_due or ckpt.due(step)
+    if reason is None and step < num_steps and save_due:
+      # The last step's checkpoint and hooks are _finish's. A save due during a skip
+      # streak waits for the first good step (asked each step until then); a state
+      # that is not finite is never saved.
+      streak = int(state.skip_streak)
+      reason = policy.check(step, skip_streak=streak)
+      if reason is None and streak == 0:
+        save_due = False
+        if not ckpt.save(step, state):
+          reason = policy.check(step, finite_state=False)
+    if reason is not None:
+      state, step = _roll_back(run, ckpt, policy, step, reason)
+      meter = Meter(run.model, int(t.global_batch_size), num_steps, step)
+      save_due = False
+    elif step < num_steps:
       try:  # a signal during these stops them (StopSampling); the check below then saves
-        for m in hooks_lib.run_hooks(hooks, step, state, final=False):
+        for m in hooks_lib.run_hooks(hooks, step, state, final=False, log=run.log):
           run.writer.scalars(step, m)
           yield {"step": step, **m}
       except sampling.StopSampling:
@@ -107,7 +176,7 @@ def _finish(run: startup.Run, ckpt: hooks_lib.CheckpointHook, hooks: list[hooks_
   run.ckpt.close()
   run.log(f"[train] {step} steps done; final checkpoint in {run.ckpt.directory}")
   try:
-    for m in hooks_lib.run_hooks(hooks, step, state, final=True):
+    for m in hooks_lib.run_hooks(hooks, step, state, final=True, log=run.log):
       run.writer.scalars(step, m)
       yield {"step": step, **m}
   except sampling.StopSampling:

@@ -147,6 +147,8 @@ class Meter:
       extra = f" | {m['tflops_per_device']:.1f} TFLOP/s/dev MFU {100 * m['mfu']:.1f}%"
     if "peak_memory_gib" in m:
       extra += f" | peak mem {m['peak_memory_gib']:.1f} GiB"
+    if m.get("skipped_steps"):
+      extra += f" | skipped {int(m['skipped_steps'])} non-finite"
     p = f" proj {m['loss_proj']:.4f}" if proj else ""
     return (f"step {step}/{self.num_steps} | loss {m['loss']:.4f} (denoise "
             f"{m['loss_denoise']:.4f} acc {m['loss_acc']:.4f}{p}) | grad {m['grad_norm']:.3f} | "

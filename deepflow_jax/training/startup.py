@@ -9,7 +9,9 @@ table. A run refused by any check has written nothing. The result is a ``Run``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Optional
 
@@ -30,6 +32,7 @@ from deepflow_jax.models.loading import model_from_config
 from deepflow_jax.signals import StopRequests
 from deepflow_jax.training import alignment
 from deepflow_jax.training.checkpoints import Checkpointer
+from deepflow_jax.training.checkpoints import tree_shapes
 from deepflow_jax.training.step import Trainer
 from deepflow_jax.training.writer import MetricWriter
 
@@ -150,11 +153,64 @@ def _build(config, workdir: str, log) -> tuple[Any, Any, Any, Trainer]:
         f"{config.model.encoder_path} on {encoder.pos_grid}x{encoder.pos_grid} patches of "
         f"{encoder.patch_size * encoder.pos_grid}-pixel inputs (images {info.image_shape}), "
         f"projection weight {float(config.loss.proj_coeff)}")
-  cache_dir = setup_compilation_cache(config, workdir)  # before the first large compilation
-  log(f"compilation cache: {cache_dir or 'off'}")
   trainer = Trainer(config, model, mesh, latent=info.is_latent, latent_scale=info.latent_scale,
                     encoder=encoder, encoder_params=encoder_params)
   return mesh, model, source, trainer
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(config, workdir: str, sections=("model", "optim", "loss")) -> list[str]:
+  """``key: old -> new`` for the keys of ``sections`` that differ from ``workdir/config.json``."""
+  if not os.path.isfile(os.path.join(workdir, workdir_lib.CONFIG_JSON)):
+    return []
+  old = _flat(workdir_lib.read_config(workdir).to_dict())
+  new = _flat(config_lib.to_json_dict(config.copy_and_resolve_references()))
+  norm = lambda v: list(v) if isinstance(v, tuple) else v
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+          if k.split(".")[0] in sections and norm(old.get(k)) != norm(new.get(k))]
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def check_resumable(config, workdir: str, trainer: Trainer, ckpt: Checkpointer) -> None:
+  """Refuses (``UserError``, nothing moved or written) a resume whose state shapes differ
+  from the newest checkpoint's whose metadata can be read; unreadable ones are left to the
+  restore's fallback."""
+  want = tree_shapes(trainer.abstract_state)
+  for step in reversed(ckpt.all_steps()):
+    try:
+      with _quiet_absl():  # Orbax warns of missing optional metadata files
+        saved = ckpt.saved_shapes(step)
+    except Exception:  # pylint: disable=broad-except  # unreadable: restore_latest falls back
+      continue
+    if saved == want:
+      return
+    changes = config_changes(config, workdir)
+    paths = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+    what = ("; ".join(changes) if changes else
+            f"state arrays {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}")
+    raise UserError(
+        f"--workdir {workdir}: its checkpoint {ckpt.directory}/{step} has other model or "
+        f"optimiser shapes than this config ({what}); resume with the settings it was trained "
+        "with (config.json) or use another --workdir (nothing was changed)")
 
 
 def _initial_state(config, trainer: Trainer, ckpt: Checkpointer, data_it, log
@@ -167,13 +223,19 @@ def _initial_state(config, trainer: Trainer, ckpt: Checkpointer, data_it, log
     data_it.set_state(data_state)
     log(f"resumed from {ckpt.directory}/{step}")
     return state, step, step
+  return fresh_state(config, trainer, log), 0, -1
+
+
+def fresh_state(config, trainer: Trainer, log) -> Any:
+  """The state at step 0: fine-tuned from ``train.init_from``, else freshly initialised."""
+  t = config.train
   if t.init_from:
     # A converted checkpoint, or a training workdir's newest EMA weights. The sin-cos
     # positions are not parameters: weights of another input_size (256 -> 512) fit.
     _, params = load_model(t.init_from)
     log(f"initialised from {t.init_from} (fine-tuning)")
-    return trainer.state_from_params(params, int(t.seed)), 0, -1
-  return trainer.init_state(int(t.seed)), 0, -1
+    return trainer.state_from_params(params, int(t.seed))
+  return trainer.init_state(int(t.seed))
 
 
 def _write_workdir(config, workdir: str, info: DatasetInfo, params, log) -> None:
@@ -210,6 +272,11 @@ def prepare(config, workdir: str, log: Callable[[str], None], signals: StopReque
   data_it = pipeline.make_train_iterator(
       config.data, global_batch_size=int(t.global_batch_size), process_index=jax.process_index(),
       process_count=jax.process_count(), seed=int(t.seed), source=source)
+  # The last checks; then the compilation cache (it writes into the workdir) before the
+  # first large compilation (the initialiser, the step).
+  check_resumable(config, workdir, trainer, ckpt)
+  cache_dir = setup_compilation_cache(config, workdir)
+  log(f"compilation cache: {cache_dir or 'off'}")
   state, step, last_saved = _initial_state(config, trainer, ckpt, data_it, log)
   if hasattr(data_it, "start_prefetch"):
     data_it.start_prefetch()  # workers read the first batches while XLA compiles

@@ -48,6 +48,8 @@ class TrainState:
   ema_params: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key data; each step folds in its step number
+  skipped_steps: jax.Array  # int32 scalar: steps whose update was dropped (non-finite)
+  skip_streak: jax.Array  # int32 scalar: consecutive dropped steps up to this one
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -162,6 +164,7 @@ class Trainer:
       self.init_options = init_compiler_options(self.mesh.devices.flat[0].platform, n_params)
     self._init = jax.jit(lambda key: nn.unbox(self._init_boxed(key)),
                          out_shardings=self.state_shardings, compiler_options=self.init_options)
+    self._finite = None  # state_is_finite's program, compiled at first use
     self._from_params = jax.jit(self._state_with_params,
                                 in_shardings=(self.state_shardings.params, None),
                                 out_shardings=self.state_shardings,
@@ -184,13 +187,16 @@ class Trainer:
         ema_params=jax.tree.map(jnp.copy, params),
         opt_state=self.tx.init(params),
         rng=jax.random.key_data(k_state),
+        skipped_steps=jnp.zeros((), jnp.int32),
+        skip_streak=jnp.zeros((), jnp.int32),
     )
 
   def _state_with_params(self, params, key_data):
     _, k_state = jax.random.split(jax.random.wrap_key_data(key_data))  # as _init_boxed
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree.map(jnp.copy, params), opt_state=self.tx.init(params),
-                      rng=jax.random.key_data(k_state))
+                      rng=jax.random.key_data(k_state), skipped_steps=jnp.zeros((), jnp.int32),
+                      skip_streak=jnp.zeros((), jnp.int32))
 
   def init_state(self, seed: int) -> TrainState:
     """A fresh, sharded state; parameters initialised as the reference."""
@@ -273,16 +279,45 @@ class Trainer:
     return jax.tree.map(lambda x: x / accum, g), jax.tree.map(lambda x: x / accum, m)
 
   def _train_step(self, state: TrainState, batch, encoder_params):
+    """One update; an update whose loss or gradients are not finite is dropped.
+
+    A dropped (skipped) step leaves parameters, EMA and optimiser state as they
+    were (selected with ``jnp.where`` inside the step: no host sync) but still
+    counts: ``step`` advances with the batch it read, ``skipped_steps`` and
+    ``skip_streak`` (consecutive skips, 0 after a good step) record it and are
+    logged with the metrics. ``training.loop`` rolls back on a long streak.
+    """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grads, metrics = self._grads(state.params, batch, key, encoder_params)
+    grad_norm = optax.tree.norm(grads)
+    # The global norm is non-finite when any gradient is; the loss covers the rest.
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = float(self.config.train.ema_decay)
     ema = jax.tree.map(lambda e, p: e * d + (1 - d) * p, state.ema_params, params)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    skipped = state.skipped_steps + jnp.where(ok, 0, 1).astype(jnp.int32)
+    streak = jnp.where(ok, 0, state.skip_streak + 1).astype(jnp.int32)
+    metrics["grad_norm"] = grad_norm
     metrics["learning_rate"] = self.schedule(state.step)
-    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+    metrics["skipped_steps"] = skipped
+    metrics["skip_streak"] = streak
+    new = state.replace(step=state.step + 1, params=keep(params, state.params),
+                        ema_params=keep(ema, state.ema_params),
+                        opt_state=keep(opt_state, state.opt_state), skipped_steps=skipped,
+                        skip_streak=streak)
     return new, metrics
+
+  def state_is_finite(self, state: TrainState) -> bool:
+    """True when every parameter and EMA value is finite (one small device reduction)."""
+    if self._finite is None:
+      def finite(params, ema):
+        leaves = [x for x in jax.tree.leaves((params, ema))
+                  if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+      self._finite = jax.jit(finite, out_shardings=shd.replicated(self.mesh))
+    return bool(jax.device_get(self._finite(state.params, state.ema_params)))
 
   def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     return self._step(state, batch, self.encoder_params)

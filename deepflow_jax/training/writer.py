@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from tensorboardX import SummaryWriter
@@ -18,14 +19,22 @@ class MetricWriter:
     self._jsonl = os.path.join(os.path.dirname(os.path.abspath(logdir)), "metrics.jsonl")
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
+    """One step's scalars; NaN / Inf are left out of TensorBoard and are ``null`` in the JSON."""
     if self._w is None:
       return
+    values = {k: _finite_or_none(v) for k, v in values.items()}
     for k, v in values.items():
-      self._w.add_scalar(k, float(v), global_step=step)
+      if v is not None:  # tensorboardX warns once per non-finite value
+        self._w.add_scalar(k, v, global_step=step)
     self._w.flush()
     with open(self._jsonl, "a") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+      f.write(json.dumps({"step": int(step), **values}, allow_nan=False) + "\n")
 
   def close(self) -> None:
     if self._w is not None:
       self._w.close()
+
+
+def _finite_or_none(v) -> "float | None":
+  v = float(v)
+  return v if math.isfinite(v) else None

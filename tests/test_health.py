@@ -1,0 +1,165 @@
+"""Training that survives its own numbers (issue 21): skipped non-finite steps, NaN-safe
+outputs, divergence rollback and stop, refused restarts, file-system faults.
+
+In-process tests use a tiny DeepFlow on one CPU device; runs of ``python -m
+deepflow_jax.main`` use test_train's tiny digits flags so each takes seconds.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import cpu_env
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def tiny_config(**train):
+  from deepflow_jax import config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.model.update(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                 num_classes=10, df_idxs=(1,), projector_dim=32, dtype="float32")
+  c.loss.scale_weight = (0.2, 1.0)
+  c.data.name = "digits"
+  c.data.image_size = 8
+  c.train.global_batch_size = 8
+  c.train.ema_decay = 0.9
+  c.train.update(train)
+  c.optim.learning_rate = 1e-3
+  config_lib.validate(c)
+  return c
+
+
+def _trainer(c, latent):
+  import jax  # pylint: disable=g-import-not-at-top
+  from deepflow_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.models.loading import model_from_config  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.training.step import Trainer  # pylint: disable=g-import-not-at-top
+  return Trainer(c, model_from_config(c), shd.make_mesh(c, jax.devices()[:1]), latent=latent)
+
+
+def _latent_batch(rng, poison=False):
+  mean = rng.normal(size=(8, 8, 8, 1)).astype(np.float32)
+  if poison:
+    mean[3, 2, 1, 0] = np.nan
+  return {"mean": mean, "std": np.full_like(mean, 0.1),
+          "label": rng.integers(0, 10, 8).astype(np.int32)}
+
+
+def _leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_poisoned_batch_is_skipped_with_the_state_unchanged():
+  """A batch with one NaN latent: params, EMA and Adam state stay bitwise the same (the same
+  process, the same program: jnp.where selects the old arrays), the step and the skip
+  counters advance; the next good batch trains again and resets the streak."""
+  tr = _trainer(tiny_config(), latent=True)
+  rng = np.random.default_rng(0)
+  state = tr.init_state(0)
+  state, m = tr.step(state, tr.global_batch(_latent_batch(rng)))
+  assert np.isfinite(float(m["loss"])) and int(m["skipped_steps"]) == 0
+  before = [_leaves(state.params), _leaves(state.ema_params), _leaves(state.opt_state)]
+  state, m = tr.step(state, tr.global_batch(_latent_batch(rng, poison=True)))
+  assert not np.isfinite(float(m["loss"]))
+  assert (int(state.step), int(state.skipped_steps), int(state.skip_streak)) == (2, 1, 1)
+  assert (int(m["skipped_steps"]), int(m["skip_streak"])) == (1, 1)
+  after = [_leaves(state.params), _leaves(state.ema_params), _leaves(state.opt_state)]
+  for b, a in zip(before, after):
+    for x, y in zip(b, a):
+      np.testing.assert_array_equal(x, y)
+  assert tr.state_is_finite(state)
+  state, m = tr.step(state, tr.global_batch(_latent_batch(rng)))
+  assert (int(state.skipped_steps), int(state.skip_streak)) == (1, 0)
+  assert not np.array_equal(_leaves(state.params)[0], before[0][0])
+
+
+DIGITS = os.path.join(ROOT, "configs", "digits.py")
+TINY = [
+    "--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
+    "--config.model.df_idxs=(1,)", "--config.model.projector_dim=32",
+    "--config.loss.scale_weight=(0.2,1.0)", "--config.train.global_batch_size=16",
+    "--config.train.log_every=1", "--config.sample.grid_classes=0", "--config.eval.num_samples=0",
+    "--config.optim.warmup_steps=0",
+]
+
+
+def run_main(workdir, *overrides, timeout=300, module="deepflow_jax.main"):
+  """``python -m deepflow_jax.main`` on the tiny digits model (later flags win)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  merged = dict(a.split("=", 1) for a in (*TINY, *overrides))
+  cmd = [sys.executable, "-m", module, f"--config={DIGITS}", f"--workdir={workdir}",
+         *(f"{k}={v}" for k, v in merged.items())]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                        env=cpu_env(1, compile_cache=True), cwd=ROOT)
+
+
+def _error_lines(stderr):
+  return [l for l in stderr.splitlines() if l.strip()]
+
+
+def _all_finite(tree):
+  return all(np.isfinite(x).all() for x in _leaves(tree) if x.dtype.kind == "f")
+
+
+def test_forced_divergence_rolls_back_then_stops_with_exit_3(tmp_path):
+  """lr=1e6 without warmup: the loss is NaN from step 3 on; a streak of 2 skipped steps rolls
+  back to the newest (finite) checkpoint, the second divergence without progress stops with
+  one error line and exit 3. Every checkpoint left is finite, metrics.jsonl is strict JSON."""
+  from conftest import restore_state  # pylint: disable=g-import-not-at-top
+  w = tmp_path / "w"
+  r = run_main(w, "--config.optim.learning_rate=1e6", "--config.train.ckpt_every=1",
+               "--config.train.max_skip_streak=2", "--config.train.max_rollbacks=1",
+               "--config.train.num_steps=20")
+  assert r.returncode == 3, r.stderr[-3000:]
+  lines = _error_lines(r.stderr)
+  assert len(lines) == 1 and lines[0].startswith("error: training diverged at step "), lines
+  assert "last good checkpoint: step" in lines[0] and str(w / "checkpoints") in lines[0]
+  assert "rolled back to step" in r.stdout
+  steps = sorted(int(s) for s in os.listdir(w / "checkpoints") if s.isdigit())
+  assert steps and all(not s.startswith("tmp") for s in os.listdir(w / "checkpoints"))
+  for s in steps:
+    state = restore_state(w, s)
+    assert _all_finite(state["params"]) and _all_finite(state["ema_params"]), s
+  with open(w / "metrics.jsonl") as f:
+    rows = [json.loads(l, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+            for l in f]
+  assert any(row["loss"] is None for row in rows) and rows[-1]["skip_streak"] >= 2
+
+
+def _listing(root):
+  """{relative path: md5} of every file under ``root`` (a workdir's full state)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(d, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, root)] = hashlib.md5(fh.read()).hexdigest()
+  return out
+
+
+def test_changed_architecture_resume_is_refused_and_allowed_changes_resume(tmp_path):
+  """A resume with another hidden_size: one line naming the key, exit 2, the workdir's files
+  (names and bytes) unchanged. A resume changing only num_steps / intervals continues."""
+  w = tmp_path / "w"
+  r = run_main(w, "--config.train.num_steps=2", "--config.train.ckpt_every=1")
+  assert r.returncode == 0, r.stderr[-3000:]
+  before = _listing(w)
+  r = run_main(w, "--config.train.num_steps=2", "--config.train.ckpt_every=1",
+               "--config.model.hidden_size=48")
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = _error_lines(r.stderr)
+  assert len(lines) == 1 and "model.hidden_size: 32 -> 48" in lines[0], lines
+  assert _listing(w) == before
+  r = run_main(w, "--config.train.num_steps=3", "--config.train.ckpt_every=2",
+               "--config.train.log_every=3")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from" in r.stdout and "3 steps done" in r.stdout
+  with open(w / "metrics.jsonl") as f:
+    steps = [json.loads(l)["step"] for l in f]
+  assert steps == sorted(set(steps)), steps  # no duplicate rows
