@@ -308,8 +308,9 @@ def _train_problems(config) -> list[str]:
   if cache not in ("", "none") and os.path.exists(cache) and not os.path.isdir(cache):
     out.append(f"train.compile_cache_dir={cache!r} exists and is not a directory (use a "
                "directory, \"\" for WORKDIR/.jax_cache or \"none\" to turn the cache off)")
-  if config.mesh.data == 0 or config.mesh.fsdp == 0:
-    out.append("mesh.data and mesh.fsdp must be positive or -1")
+  if config.mesh.data == 0 or config.mesh.fsdp < -1:
+    out.append(f"mesh.data={config.mesh.data} must be positive or -1 and mesh.fsdp="
+               f"{config.mesh.fsdp} positive, -1 or 0 (auto: the smallest that fits)")
   return out
 
 
@@ -341,7 +342,7 @@ def _eval_problems(config) -> list[str]:
   return out
 
 
-def _alignment_problems(config, idxs: list[int]) -> list[str]:
+def _alignment_problems(config, idxs: list[int], files: bool = True) -> list[str]:
   m, out = config.model, []
   if not m.ssl_align:
     return out
@@ -351,7 +352,9 @@ def _alignment_problems(config, idxs: list[int]) -> list[str]:
   if config.data.name == "digits":
     out.append("model.ssl_align=True needs latent data with raw images (data.name 'repa' or "
                "'arrayrecord'), not 'digits'")
-  if not m.encoder_path:
+  if not files:
+    pass
+  elif not m.encoder_path:
     out.append("model.ssl_align=True needs model.encoder_path: the DINOv2 weights file (e.g. "
                "dinov2_vitb14_pretrain.pth)")
   elif not os.path.isfile(m.encoder_path):
@@ -361,8 +364,12 @@ def _alignment_problems(config, idxs: list[int]) -> list[str]:
   return out
 
 
-def validate(config) -> None:
+def validate(config, *, files: bool = True) -> None:
   """Refuses unknown or inconsistent values, naming each, before anything is built.
+
+  ``files=False`` leaves out what only a run reads (the SSL encoder's weights,
+  FID's reference and Inception files): ``python -m deepflow_jax.plan`` compiles
+  without them.
 
   Runs the sampler's own check (``sampling.SamplerSettings.problems``, which
   names the nearest valid sampler or grid) and the data config's
@@ -387,10 +394,19 @@ def validate(config) -> None:
   problems += _value_problems(config) + _train_problems(config)
   problems += sampling.SamplerSettings.from_config(config.sample).problems(
       prefix="sample.", accel_heads=bool(idxs))
-  problems += _eval_problems(config) + _data_problems(config)
-  problems += _alignment_problems(config, idxs)
+  problems += (_eval_problems(config) if files else []) + _data_problems(config)
+  problems += _alignment_problems(config, idxs, files)
   if problems:
     raise UserError("invalid config: " + "; ".join(problems))
+
+
+def with_mesh_fsdp(config, fsdp: int):
+  """A copy of ``config`` with ``mesh.fsdp`` set (``mesh.data`` -1: the rest)."""
+  c = config.copy_and_resolve_references()
+  c.mesh.fsdp = int(fsdp)
+  if int(fsdp) != int(config.mesh.fsdp):
+    c.mesh.data = -1
+  return c
 
 
 def to_json_dict(config) -> dict:

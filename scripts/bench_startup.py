@@ -125,8 +125,7 @@ def time_init_options(config_path, overrides) -> dict:
     t0 = time.perf_counter()
     tr = train_lib.Trainer(c, model, mesh, latent=c.data.name != "digits", init_options=opts)
     t1 = time.perf_counter()
-    # pylint: disable-next=protected-access
-    compiled = tr._init.lower(jax.random.key_data(jax.random.key(0))).compile()
+    compiled = tr.jitted_init.lower(jax.random.key_data(jax.random.key(0))).compile()
     t2 = time.perf_counter()
     state = jax.block_until_ready(compiled(jax.random.key_data(jax.random.key(0))))
     t3 = time.perf_counter()

@@ -103,12 +103,9 @@ def _step_timer(trainer, gbatch, compiled=None):
   return run
 
 
-def compile_step(trainer, batch_shapes: dict):
-  """The Trainer's jitted step compiled for abstract inputs (nothing is allocated)."""
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_shardings[k])
-           for k, v in batch_shapes.items()}
-  # pylint: disable-next=protected-access  # the very program main runs
-  return trainer._step.lower(trainer.abstract_state, batch, trainer.encoder_params).compile()
+def compile_step(trainer, global_batch: int):
+  """The Trainer's jitted step (the very program main runs) compiled for abstract inputs."""
+  return trainer.programs(global_batch)["train_step"].lower().compile()
 
 
 def step_memory_bytes(compiled) -> int:
@@ -141,11 +138,8 @@ def find_max_batch(c, model, mesh, latent: bool, a) -> dict:
   for b in (b1, b2):
     c.train.global_batch_size = b * ndev
     trainer = train_lib.Trainer(c, model, mesh, latent=latent)
-    shapes = _batch_arrays(np.random.default_rng(0), model, latent, 1)
-    shapes = {k: jax.ShapeDtypeStruct((b * ndev,) + v.shape[1:], v.dtype)
-              for k, v in shapes.items()}
     t0 = time.perf_counter()
-    mem[b] = step_memory_bytes(compile_step(trainer, shapes))
+    mem[b] = step_memory_bytes(compile_step(trainer, b * ndev))
     print(f"per-device batch {b}: compiled step needs {mem[b] / 1e9:.2f} GB per device "
           f"(compile {time.perf_counter() - t0:.1f} s)", flush=True)
   per_example = (mem[b2] - mem[b1]) / (b2 - b1)
@@ -256,7 +250,7 @@ def main():
                               encoder_params=enc_params)
   gbatch = trainer.global_batch(batch)
   t0 = time.perf_counter()
-  compiled = compile_step(trainer, {k: v for k, v in gbatch.items()})
+  compiled = compile_step(trainer, a.batch)
   compile_s = time.perf_counter() - t0
   need = step_memory_bytes(compiled)
   timer = _step_timer(trainer, gbatch, compiled)

@@ -19,7 +19,8 @@ import time
 from absl import app
 from absl import flags
 
-from deepflow_jax import main as main_cli
+from deepflow_jax import flags_lib
+from deepflow_jax import main as main_cli  # noqa: F401  # defines --config and --workdir
 from deepflow_jax import training
 
 flags.DEFINE_integer("kill_at", None, "SIGKILL after this step's metrics", required=True)
@@ -41,4 +42,4 @@ def _run(argv):
 
 
 if __name__ == "__main__":
-  app.run(_run, flags_parser=main_cli.parse_flags)
+  app.run(_run, flags_parser=flags_lib.config_flags_parser("deepflow_jax.main"))

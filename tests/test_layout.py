@@ -15,14 +15,15 @@ ENTRY_POINTS = {"deepflow_jax.main", "deepflow_jax.generate", "deepflow_jax.eval
 # docs/architecture.md's layers, bottom up: a module may import its own layer and those below.
 LAYERS = [
     ("foundation", ["errors", "signals", "progress", "npy_io", "outputs", "torch_io", "sharding",
-                    "workdir"]),
+                    "workdir", "hardware"]),
     ("networks", ["models"]),
     ("numerics", ["losses", "sampling", "images"]),
     ("data", ["data"]),
     ("evaluation", ["evaluation"]),
-    ("configs", ["config_lib", "configs", "planning"]),
+    ("configs", ["config_lib", "configs", "flags_lib"]),
     ("generation", ["generation"]),
     ("training", ["training"]),
+    ("planning", ["planning"]),
 ]
 
 

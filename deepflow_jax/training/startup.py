@@ -31,6 +31,7 @@ from deepflow_jax.models.loading import load_model
 from deepflow_jax.models.loading import model_from_config
 from deepflow_jax.signals import StopRequests
 from deepflow_jax.training import alignment
+from deepflow_jax.training import fit
 from deepflow_jax.training.checkpoints import Checkpointer
 from deepflow_jax.training.checkpoints import tree_shapes
 from deepflow_jax.training.step import Trainer
@@ -135,7 +136,8 @@ def _check_paths(config, workdir: str) -> None:
 def _build(config, workdir: str, log) -> tuple[Any, Any, Any, Trainer]:
   """(mesh, model, data source, trainer); the SSL encoder is read here when the model aligns."""
   platform = jax.default_backend()
-  mesh = shd.make_mesh(config)
+  auto_fsdp = int(config.mesh.fsdp) == 0  # the smallest fsdp whose step fits the devices
+  mesh = None if auto_fsdp else shd.make_mesh(config)
   model = model_from_config(config, platform, log=log)
   encoder = encoder_params = None
   if model.ssl_align:  # the frozen DINOv2 of model.encoder_path (checked before any compile)
@@ -144,6 +146,12 @@ def _build(config, workdir: str, log) -> tuple[Any, Any, Any, Trainer]:
   source = pipeline.make_source(config.data, images=model.ssl_align)
   info = source.info
   check_data_matches_model(info, model)
+  if auto_fsdp:
+    config.mesh.fsdp = fit.resolve_auto_fsdp(
+        config, lambda c, m: Trainer(c, model, m, latent=info.is_latent, encoder=encoder,
+                                     encoder_params=encoder_params), log=log)
+    config.mesh.data = -1
+    mesh = shd.make_mesh(config)
   log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({platform}), "
       f"processes: {jax.process_count()}, mesh: {dict(mesh.shape)}; data: {info.name} "
       f"({info.num_examples:,} examples of {tuple(info.shape)}); compute dtype "

@@ -6,7 +6,10 @@
   (parameters, EMA parameters, AdamW state, step, RNG);
 * ``trainer.step(state, batch)`` is one ``jax.jit`` with explicit in/out
   shardings and the state donated;
-* ``trainer.abstract_state`` (shapes + shardings) is what checkpoints restore into.
+* ``trainer.abstract_state`` (shapes + shardings) is what checkpoints restore into;
+* ``trainer.programs(global_batch_size)`` names the jitted programs with abstract
+  inputs (``Program``): what ``deepflow_jax.planning`` and ``scripts/bench_train.py``
+  lower and compile without allocating anything.
 
 The batch is either pixels ``{"image", "label"}`` or stored VAE moments
 ``{"mean", "std", "label"}``; for the latter the step draws
@@ -110,6 +113,22 @@ def batch_keys(latent: bool, images: bool = False) -> tuple[str, ...]:
   return ("image", "label")
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A jitted function and the abstract arguments (shapes, dtypes, shardings) it runs on."""
+  name: str
+  fn: Any  # the jax.jit-wrapped function main calls
+  args: tuple
+
+  def lower(self):
+    return self.fn.lower(*self.args)
+
+
+def _is_abstract(tree) -> bool:
+  leaves = jax.tree.leaves(tree)
+  return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
 @dataclasses.dataclass
 class Trainer:
   config: Any
@@ -118,7 +137,8 @@ class Trainer:
   latent: bool  # batches hold VAE moments (True) or pixels (False)
   latent_scale: float = LATENT_SCALE  # z = (mean + std * eps) * latent_scale (the dataset's)
   # SSL alignment (model.ssl_align): the frozen image encoder and its parameters
-  # (load_alignment_encoder); batches then also hold "image".
+  # (load_alignment_encoder); batches then also hold "image". Abstract parameters
+  # (ShapeDtypeStructs: planning) are given the replicated sharding, nothing is allocated.
   encoder: Optional[dinov2.DinoVisionTransformer] = None
   encoder_params: Any = None
   # XLA options for the fresh-state programs (init_state, state_from_params);
@@ -148,9 +168,17 @@ class Trainer:
         for k in batch_keys(self.latent, self.images)
     }
     # The frozen encoder's parameters: replicated, passed to every step, never trained.
-    self.encoder_params = (jax.device_put(self.encoder_params, shd.replicated(self.mesh))
-                           if self.images else {})
-    self._step = jax.jit(self._train_step,
+    repl = shd.replicated(self.mesh)
+    if not self.images:
+      self.encoder_params = {}
+    elif _is_abstract(self.encoder_params):
+      self.encoder_params = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), self.encoder_params)
+    else:
+      self.encoder_params = jax.device_put(self.encoder_params, repl)
+    # The train step and the fresh-state initialiser: the programs main runs
+    # (``programs`` gives them with abstract inputs).
+    self.jitted_step = jax.jit(self._train_step,
                          in_shardings=(self.state_shardings, self.batch_shardings,
                                        shd.replicated(self.mesh)),
                          out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
@@ -162,7 +190,7 @@ class Trainer:
     if self.init_options is None:
       n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes.params))
       self.init_options = init_compiler_options(self.mesh.devices.flat[0].platform, n_params)
-    self._init = jax.jit(lambda key: nn.unbox(self._init_boxed(key)),
+    self.jitted_init = jax.jit(lambda key: nn.unbox(self._init_boxed(key)),
                          out_shardings=self.state_shardings, compiler_options=self.init_options)
     self._finite = None  # state_is_finite's program, compiled at first use
     self._from_params = jax.jit(self._state_with_params,
@@ -200,7 +228,7 @@ class Trainer:
 
   def init_state(self, seed: int) -> TrainState:
     """A fresh, sharded state; parameters initialised as the reference."""
-    return self._init(jax.random.key_data(jax.random.key(seed)))
+    return self.jitted_init(jax.random.key_data(jax.random.key(seed)))
 
   def state_from_params(self, params, seed: int) -> TrainState:
     """A fresh state whose parameters and EMA start from given weights (fine-tuning)."""
@@ -320,7 +348,48 @@ class Trainer:
     return bool(jax.device_get(self._finite(state.params, state.ema_params)))
 
   def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    return self._step(state, batch, self.encoder_params)
+    return self.jitted_step(state, batch, self.encoder_params)
+
+  # -- abstract programs ---------------------------------------------------
+
+  def abstract_batch(self, global_batch_size: int, image_side: int = 0,
+                     moments_dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch main feeds the step, as shapes with the step's shardings.
+
+    Latent batches: ``mean``/``std`` (B, H, W, C) ``moments_dtype`` and, with SSL
+    alignment, ``image`` uint8 (B, R, R, 3) with ``R = image_side`` (default: 8 x
+    the latent side, the SD-VAE's); pixel batches: ``image`` float32.
+    """
+    m, b = self.model, int(global_batch_size)
+    side = (m.input_size, m.input_size, m.in_channels)
+    r = int(image_side) or 8 * m.input_size
+    shapes = {"label": ((b,), jnp.int32)}
+    if self.latent:
+      shapes.update(mean=((b,) + side, moments_dtype), std=((b,) + side, moments_dtype))
+      if self.images:
+        shapes["image"] = ((b, r, r, 3), jnp.uint8)
+    else:
+      shapes["image"] = ((b,) + side, jnp.float32)
+    return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=self.batch_shardings[k])
+            for k in batch_keys(self.latent, self.images)}
+
+  def programs(self, global_batch_size: int, **batch_kw) -> dict[str, Program]:
+    """``{"train_step", "init"}``: the jitted programs main runs, on abstract inputs.
+
+    ``train_step`` is ``jitted_step`` (state donated) on ``abstract_state``,
+    ``abstract_batch(global_batch_size, **batch_kw)`` and the encoder parameters;
+    ``init`` is ``jitted_init`` on a raw key. ``program.lower().compile()``
+    compiles either without allocating device memory (any backend, including a
+    compile-only TPU topology).
+    """
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return {
+        "train_step": Program("train_step", self.jitted_step,
+                              (self.abstract_state,
+                               self.abstract_batch(global_batch_size, **batch_kw),
+                               self.encoder_params)),
+        "init": Program("init", self.jitted_init, (key,)),
+    }
 
   def global_batch(self, local_batch: dict) -> dict:
     return shd.global_batch({k: local_batch[k] for k in batch_keys(self.latent, self.images)},
