@@ -19,7 +19,9 @@ job follows are kept here:
   and the manifest are created only after every check has passed.
 * **Atomic files.** Every file is written under a temporary name,
   :func:`tmp_name` ``(path) = <path>.tmp-<pid>``, then ``os.replace``-d to its
-  name, so a file that exists under its final name is complete.
+  name, so a file that exists under its final name is complete. A ``gs://``
+  file is written to a local temporary file and uploaded in one request
+  (``deepflow_jax.storage``: a single-object upload is atomic).
 * **Stale temporaries.** A killed run leaves ``<name>.tmp-<pid>`` files (and
   older versions ``<name>.tmp``); :func:`remove_stale_tmp` removes those in a
   folder (or only those whose final name a predicate owns, for folders shared by
@@ -36,12 +38,14 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 from PIL import Image
 
+from deepflow_jax import storage
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import first_line
 
@@ -73,7 +77,15 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
   """Calls ``write(tmp)`` to write :func:`tmp_name` ``(path)``, then renames it to ``path``.
 
   If ``write`` raises, the temporary file is removed and ``path`` is untouched.
+  A ``gs://`` path: ``write`` writes a local temporary file, uploaded in one request.
   """
+  if storage.is_url(path):
+    with tempfile.TemporaryDirectory(prefix="deepflow-upload-") as d:
+      tmp = os.path.join(d, storage.basename(path))
+      write(tmp)
+      with open(tmp, "rb") as f:
+        storage.write_bytes(path, f.read())
+    return
   tmp = tmp_name(path)
   try:
     write(tmp)
@@ -142,8 +154,7 @@ def check_file_path(path: str | None, name: str) -> None:
 def read_json(path: str) -> Any | None:
   """The JSON document at ``path``; None if there is no file; UserError if it is unreadable."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except FileNotFoundError:
     return None
   except (OSError, ValueError) as e:
@@ -153,11 +164,7 @@ def read_json(path: str) -> Any | None:
 
 def remove_if_exists(path: str) -> bool:
   """Removes the file ``path``; True if there was one."""
-  try:
-    os.remove(path)
-    return True
-  except FileNotFoundError:
-    return False
+  return storage.remove(path)
 
 
 def remove_stale_tmp(directory: str, *, owned: Callable[[str], bool] | None = None,
