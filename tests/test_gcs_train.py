@@ -25,8 +25,7 @@ def _restore(workdir, step):
 def test_train_into_gs_killed_and_resumed_bit_identical(tmp_path, gcs, gcs_server):
   """2N steps locally == N into gs://, SIGKILL after N+1, resume from gs:// to 2N: bit for bit."""
   n = 3
-  common = [f"--config.train.num_steps={2 * n}", f"--config.train.ckpt_every={n}",
-            "--config.train.compile_cache_dir=none"]
+  common = [f"--config.train.num_steps={2 * n}", f"--config.train.ckpt_every={n}"]
   straight = tmp_path / "straight"
   run_main(straight, *common)
   wd = f"{gcs}/run"
