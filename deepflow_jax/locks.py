@@ -1,6 +1,6 @@
 """One writer per folder: a lock file naming the run that writes a workdir or an output folder.
 
-``FOLDER/writer.lock`` is a JSON record ``{host, pid, started, heartbeat,
+``FOLDER/.writer.lock`` is a JSON record ``{host, pid, started, heartbeat,
 token}``. A run creates it if absent (``storage.create_exclusive``: a hard link
 locally, an upload with ``ifGenerationMatch=0`` on ``gs://``, so of two runs
 starting at once exactly one wins), rewrites ``heartbeat`` every
@@ -31,7 +31,7 @@ from typing import Callable, Optional
 from deepflow_jax import storage
 from deepflow_jax.errors import UserError
 
-LOCK_FILE = "writer.lock"
+LOCK_FILE = ".writer.lock"  # hidden: a fresh output folder may hold it (outputs.OutputFolder)
 HEARTBEAT_S = 60.0
 STALE_S = 600.0
 

@@ -18,7 +18,9 @@ Guarantees kept on object storage:
   writers exactly one wins.
 * **Emulators.** ``STORAGE_EMULATOR_HOST`` (what Google's libraries and gcsfs
   read) is enough: :func:`configure_emulator` passes it on to tensorstore as
-  ``TENSORSTORE_GCS_HTTP_URL`` unless that is set.
+  ``TENSORSTORE_GCS_HTTP_URL`` unless that is set (and gives tensorstore the
+  placeholder token ``GOOGLE_AUTH_TOKEN_FOR_TESTING``, so it does not look for
+  credentials an emulator does not check).
 * **Faults.** gcsfs retries a failed request with bounded exponential back-off
   (6 tries, about half a minute); what still fails becomes one line naming the
   URL (:class:`StorageError`, a ``UserError``: exit 2).
@@ -89,6 +91,7 @@ def configure_emulator() -> None:
   host = os.environ.get(EMULATOR_ENV, "")
   if host and host != "default" and TENSORSTORE_ENV not in os.environ:
     os.environ[TENSORSTORE_ENV] = host if "://" in host else f"http://{host}"
+    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
 
 
 def _fs():
@@ -189,6 +192,15 @@ def read_bytes(path: str) -> bytes:
     return _fs().cat_file(_key(path))
 
 
+def read_head(path: str, size: int) -> bytes:
+  """The first ``size`` bytes (fewer if the file is shorter): a header without the body."""
+  if not is_url(path):
+    with open(path, "rb") as f:
+      return f.read(size)
+  with _errors(path, "read"):
+    return _fs().cat_file(_key(path), start=0, end=size)
+
+
 def read_text(path: str) -> str:
   return read_bytes(path).decode("utf-8")
 
@@ -232,6 +244,24 @@ def write_bytes(path: str, data: bytes) -> None:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+
+
+def upload(local: str, path: str) -> None:
+  """Copies the local file ``local`` to ``path`` as a whole (gs://: one upload, resumable for
+  big files, so the object appears complete or not at all)."""
+  if not is_url(path):
+    import shutil  # pylint: disable=g-import-not-at-top
+    tmp = tmp_name(path)
+    try:
+      shutil.copyfile(local, tmp)
+      os.replace(tmp, path)
+    except BaseException:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+      raise
+    return
+  with _errors(path, "write"):
+    _fs().put_file(local, _key(path))
 
 
 def write_text(path: str, text: str) -> None:

@@ -10,7 +10,7 @@ The one place that knows what ``python -m deepflow_jax.main --workdir=DIR`` writ
     DIR/tb/, DIR/metrics.jsonl      TensorBoard events and the same scalars as JSON lines
     DIR/samples/, DIR/eval/         sample grids; end-of-run evaluation
     DIR/.jax_cache/                 JAX's persistent compilation cache (by default)
-    DIR/writer.lock                 the run writing DIR now (deepflow_jax.locks)
+    DIR/.writer.lock                the run writing DIR now (deepflow_jax.locks)
 
 ``DIR`` may be a ``gs://`` URL (``deepflow_jax.storage``). Training
 (``deepflow_jax.training``) writes it; model loading

@@ -32,12 +32,12 @@ def test_train_into_gs_killed_and_resumed_bit_identical(tmp_path, gcs):
   r = _run(wd, *common, kill_at=n + 1, check=False)
   assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
   assert storage.listdir(f"{wd}/checkpoints") == [str(n)]
-  assert storage.exists(f"{wd}/writer.lock")  # the killed run's lock: stale (dead pid, this host)
+  assert storage.exists(f"{wd}/.writer.lock")  # the killed run's lock: stale (dead pid, this host)
   r = _run(wd, *common)
   assert f"resumed from {wd}/checkpoints/{n}" in r.stdout
   assert "took over the stale lock" in r.stdout
   assert_trees_equal(_restore(straight, 2 * n), _restore(wd, 2 * n))
-  assert not storage.exists(f"{wd}/writer.lock")  # released at the end
+  assert not storage.exists(f"{wd}/.writer.lock")  # released at the end
   names = storage.listdir(wd)
   assert {"config.json", "checkpoints", "metrics.jsonl", "tb", "parameter_overview.txt"} <= set(
       names), names
