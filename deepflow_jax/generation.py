@@ -58,7 +58,7 @@ Output directory (rules of ``deepflow_jax.outputs``):
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 import re
 import time
 import zipfile
@@ -73,7 +73,10 @@ from PIL import Image
 from deepflow_jax import images as images_lib
 from deepflow_jax import outputs
 from deepflow_jax import sampling
+from deepflow_jax import locks
+from deepflow_jax import npy_io
 from deepflow_jax import sharding as shd
+from deepflow_jax import storage
 from deepflow_jax.errors import UserError
 from deepflow_jax.models.loading import model_to_dict
 from deepflow_jax.progress import Progress
@@ -128,24 +131,34 @@ class GenerationResult:
 # ---------------------------------------------------------------------------
 
 
-def _batch_file(kind: str, start: int) -> str:
-  return os.path.join(kind, f"batch_{start:08d}.npy")
+def _batch_file(out: str, kind: str, start: int) -> str:
+  return storage.join(out, kind, f"batch_{start:08d}.npy")
+
+
+def _npy_rows(path: str) -> int:
+  """The first dimension of a ``.npy`` file, from its header only (no body read; gs:// too)."""
+  shape, _, _ = npy_io.read_header(io.BytesIO(storage.read_head(path, 4096)))
+  return int(shape[0])
+
+
+def _load_npy(path: str) -> np.ndarray:
+  with storage.open_file(path, "rb") as f:
+    return np.load(f, allow_pickle=False)
 
 
 def finished_ranges(out: str, num_samples: int) -> list[tuple[int, int]]:
   """(start, count) of every finished batch, sorted; checks that they do not overlap."""
-  d = os.path.join(out, LATENTS_DIR)
+  d = storage.join(out, LATENTS_DIR)
   ranges = []
-  if os.path.isdir(d):
-    for name in sorted(os.listdir(d)):
-      m = _BATCH_RE.match(name)
-      if not m:
-        continue
-      start = int(m.group(1))
-      if not os.path.exists(os.path.join(out, _batch_file(LABELS_DIR, start))):
-        continue  # labels without latents cannot happen; latents without labels: redo
-      count = np.load(os.path.join(d, name), mmap_mode="r").shape[0]
-      ranges.append((start, count))
+  labels = set(storage.listdir(storage.join(out, LABELS_DIR)))
+  for name in storage.listdir(d):
+    m = _BATCH_RE.match(name)
+    if not m:
+      continue
+    start = int(m.group(1))
+    if name not in labels:
+      continue  # labels without latents cannot happen; latents without labels: redo
+    ranges.append((start, _npy_rows(storage.join(d, name))))
   ranges.sort()
   end = 0
   for start, count in ranges:
@@ -195,16 +208,17 @@ def _npz_stream_member(zf: zipfile.ZipFile, name: str, dtype, shape, chunks) -> 
 def write_samples_npz(out: str, ranges: list[tuple[int, int]], num_samples: int,
                       with_images: bool) -> str:
   """Concatenates the shards (and PNGs) into ``samples.npz`` atomically; returns its path."""
-  first = np.load(os.path.join(out, _batch_file(LATENTS_DIR, ranges[0][0])), mmap_mode="r")
-  path = os.path.join(out, SAMPLES_NPZ)
+  first = _load_npy(_batch_file(out, LATENTS_DIR, ranges[0][0]))
+  path = storage.join(out, SAMPLES_NPZ)
 
   def shards(kind):
     for start, _ in ranges:
-      yield np.load(os.path.join(out, _batch_file(kind, start)))
+      yield _load_npy(_batch_file(out, kind, start))
 
   def pngs():
     for i in range(num_samples):
-      with Image.open(os.path.join(out, IMAGES_DIR, f"{i:06d}.png")) as im:
+      with storage.open_file(storage.join(out, IMAGES_DIR, f"{i:06d}.png")) as f, \
+          Image.open(f) as im:
         yield np.asarray(im.convert("RGB"))[None]
 
   def write(tmp):
@@ -248,14 +262,14 @@ def folder_settings(model, params, settings: GenerationSettings, *, checkpoint: 
   it is not the sampler's default, so folders written before grids existed resume)."""
   s = settings.sampler
   return {
-      "checkpoint": os.path.abspath(checkpoint) if checkpoint else "",
+      "checkpoint": storage.absolute(checkpoint) if checkpoint else "",
       "model": model_to_dict(model),
       "params_digest": outputs.tree_digest(params),
       "dtype": settings.dtype, "sampler": s.sampler, "num_steps": s.num_steps,
       "cfg_scale": s.cfg_scale, "guidance_low": s.guidance_low, "guidance_high": s.guidance_high,
       "seed": settings.seed, "labels": settings.labels, "num_samples": settings.num_samples,
       **s.grid_record(),
-      "vae": os.path.abspath(vae_path) if vae_path else None,
+      "vae": storage.absolute(vae_path) if vae_path else None,
       "images": with_images,
   }
 
@@ -275,6 +289,16 @@ def _check(model, settings: GenerationSettings, per_device_batch: int, vae, vae_
                     f"model samples {model.in_channels}")
 
 
+def _hold_folder(folder: outputs.OutputFolder, manifest: dict, log
+                 ) -> Optional[locks.WriterLock]:
+  """Process 0 takes the folder's writer lock (``deepflow_jax.locks``) once the folder passed
+  its checks (a refused folder is not touched); None on other processes."""
+  if jax.process_index() != 0:
+    return None
+  folder.check(manifest)
+  return locks.WriterLock(folder.path, flag="--output", log=log).acquire()
+
+
 def _open_and_plan(folder: outputs.OutputFolder, manifest: dict, info: dict, num_samples: int,
                    batch: int, with_images: bool) -> tuple[list[tuple[int, int]], bool]:
   """Opens the folder on process 0 and returns every process the same pending batches.
@@ -287,7 +311,7 @@ def _open_and_plan(folder: outputs.OutputFolder, manifest: dict, info: dict, num
   if jax.process_index() == 0:
     _, resumed = folder.open(manifest, info)
     for sub in (LATENTS_DIR, LABELS_DIR) + ((IMAGES_DIR,) if with_images else ()):
-      os.makedirs(folder.join(sub), exist_ok=True)
+      storage.makedirs(folder.join(sub))
     outputs.remove_stale_tmp(folder.path, recursive=True)
     done = finished_ranges(folder.path, num_samples)
   if jax.process_count() > 1:
@@ -305,21 +329,21 @@ def _save_batch(out: str, start: int, x: np.ndarray, y: np.ndarray,
   if images is not None:
     u8 = images_lib.to_uint8(images, rgb=True)
     for i in range(len(x)):
-      outputs.atomic_save_png(os.path.join(out, IMAGES_DIR, f"{start + i:06d}.png"), u8[i])
-  outputs.atomic_save_npy(os.path.join(out, _batch_file(LABELS_DIR, start)), y.astype(np.int32))
-  outputs.atomic_save_npy(os.path.join(out, _batch_file(LATENTS_DIR, start)),
+      outputs.atomic_save_png(storage.join(out, IMAGES_DIR, f"{start + i:06d}.png"), u8[i])
+  outputs.atomic_save_npy(_batch_file(out, LABELS_DIR, start), y.astype(np.int32))
+  outputs.atomic_save_npy(_batch_file(out, LATENTS_DIR, start),
                           x.astype(np.float32))  # written last: marks the batch done
 
 
 def _finish(out: str, n: int, with_images: bool, t_start: float, log) -> str:
   """Concatenates the finished batches into ``samples.npz`` (process 0); returns its path."""
-  path = os.path.join(out, SAMPLES_NPZ)
+  path = storage.join(out, SAMPLES_NPZ)
   if jax.process_index() == 0:
     ranges = finished_ranges(out, n)
     if sum(c for _, c in ranges) != n:
       raise UserError(f"{out}: only {sum(c for _, c in ranges)} of {n} samples are on disk after "
                       "the run; rerun to finish")
-    if not os.path.exists(path):
+    if not storage.exists(path):
       log(f"[generate] writing {path}")
       write_samples_npz(out, ranges, n, with_images)
     log(f"[generate] done: {n} samples in {path} ({time.perf_counter() - t_start:.1f}s this run)")
@@ -363,50 +387,55 @@ def generate_to_folder(model, params, output: str, settings: GenerationSettings,
                              with_images=with_images)
   if vae is not None and latent_scale is not None:
     manifest["latent_scale"] = float(latent_scale)
-  mesh = shd.data_mesh()
-  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  batch = per_device_batch * mesh.size
-  todo, resumed = _open_and_plan(
-      folder, manifest, {"per_device_batch": per_device_batch, "devices": mesh.size,
-                         "processes": jax.process_count(),
-                         "started": time.strftime("%Y-%m-%d %H:%M:%S")}, n, batch, with_images)
-  n_done = n - sum(c for _, c in todo)
-  log(f"[generate] {n} samples -> {out}: {n_done} already done, {len(todo)} batches of up to "
-      f"{batch} ({mesh.size} devices x {per_device_batch}) to go; sampler "
-      f"{settings.sampler.describe()}" + (" (resumed)" if resumed else ""))
-  if not with_images:
-    log("[generate] latent model and no --vae: writing latents only (no PNGs, no arr_0); "
-        "pass --vae=DIR to decode them into images")
-  gen = sampling.make_batch_sampler(model, mesh, settings.sampler, labels_mode=settings.labels)
-  decode = (images_lib.make_decoder(vae, mesh, latent_scale=latent_scale)
-            if vae is not None else None)
-  params = jax.device_put(params, shd.replicated(mesh))
-  seed = jnp.asarray(settings.seed, jnp.int32)
-  guidance = settings.sampler.guidance()
-  no_labels = jax.make_array_from_callback((batch,), data, lambda s: np.zeros(batch, np.int32)[s])
-  t_start = time.perf_counter()
-  progress = Progress(n, "generate", "samples", done=n_done, every_s=0.0, log=log)
-  with StopRequests() as stop:
-    for b, (start, count) in enumerate(todo):
-      idx = np.arange(start, start + batch, dtype=np.int32)  # the tail past `count` is padding
-      indices = jax.make_array_from_callback((batch,), data, lambda s, idx=idx: idx[s])
-      x, y = gen(params, seed, indices, no_labels, *guidance)
-      images = decode(x) if decode is not None else (x if pixel_space else None)
-      if images is not None:
-        images = shd.host_array(images)[:count]
-      if jax.process_index() == 0:
-        _save_batch(out, start, shd.host_array(x)[:count], shd.host_array(y)[:count], images)
-      progress.update(count)
-      asked = bool(should_stop and should_stop())
-      stop_now = stop.requested or asked
-      if jax.process_count() > 1:
-        stop_now = bool(multihost_utils.broadcast_one_to_all(np.int32(stop_now)))
-      if stop_now and b + 1 < len(todo):
-        _sync("generate-stop")
-        log(stop.message("generate", f"stopped after {progress.done:,} of {n:,} samples; "
-                         "finished batches are kept, rerun the same command to resume")
-            if stop.requested else f"[generate] stopped after {progress.done:,} of {n:,} "
-            "samples (asked to); finished batches are kept")
-        return GenerationResult(out, n, None, stopped=stop.exit_status if stop.requested else 0)
-  _sync("generate-batches-done")
-  return GenerationResult(out, n, _finish(out, n, with_images, t_start, log))
+  lock = _hold_folder(folder, manifest, log)  # process 0: one run writes a folder at a time
+  try:
+    mesh = shd.data_mesh()
+    data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    batch = per_device_batch * mesh.size
+    todo, resumed = _open_and_plan(
+        folder, manifest, {"per_device_batch": per_device_batch, "devices": mesh.size,
+                           "processes": jax.process_count(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, n, batch, with_images)
+    n_done = n - sum(c for _, c in todo)
+    log(f"[generate] {n} samples -> {out}: {n_done} already done, {len(todo)} batches of up to "
+        f"{batch} ({mesh.size} devices x {per_device_batch}) to go; sampler "
+        f"{settings.sampler.describe()}" + (" (resumed)" if resumed else ""))
+    if not with_images:
+      log("[generate] latent model and no --vae: writing latents only (no PNGs, no arr_0); "
+          "pass --vae=DIR to decode them into images")
+    gen = sampling.make_batch_sampler(model, mesh, settings.sampler, labels_mode=settings.labels)
+    decode = (images_lib.make_decoder(vae, mesh, latent_scale=latent_scale)
+              if vae is not None else None)
+    params = jax.device_put(params, shd.replicated(mesh))
+    seed = jnp.asarray(settings.seed, jnp.int32)
+    guidance = settings.sampler.guidance()
+    no_labels = jax.make_array_from_callback((batch,), data, lambda s: np.zeros(batch, np.int32)[s])
+    t_start = time.perf_counter()
+    progress = Progress(n, "generate", "samples", done=n_done, every_s=0.0, log=log)
+    with StopRequests() as stop:
+      for b, (start, count) in enumerate(todo):
+        idx = np.arange(start, start + batch, dtype=np.int32)  # the tail past `count` is padding
+        indices = jax.make_array_from_callback((batch,), data, lambda s, idx=idx: idx[s])
+        x, y = gen(params, seed, indices, no_labels, *guidance)
+        images = decode(x) if decode is not None else (x if pixel_space else None)
+        if images is not None:
+          images = shd.host_array(images)[:count]
+        if jax.process_index() == 0:
+          _save_batch(out, start, shd.host_array(x)[:count], shd.host_array(y)[:count], images)
+        progress.update(count)
+        asked = bool(should_stop and should_stop())
+        stop_now = stop.requested or asked
+        if jax.process_count() > 1:
+          stop_now = bool(multihost_utils.broadcast_one_to_all(np.int32(stop_now)))
+        if stop_now and b + 1 < len(todo):
+          _sync("generate-stop")
+          log(stop.message("generate", f"stopped after {progress.done:,} of {n:,} samples; "
+                           "finished batches are kept, rerun the same command to resume")
+              if stop.requested else f"[generate] stopped after {progress.done:,} of {n:,} "
+              "samples (asked to); finished batches are kept")
+          return GenerationResult(out, n, None, stopped=stop.exit_status if stop.requested else 0)
+    _sync("generate-batches-done")
+    return GenerationResult(out, n, _finish(out, n, with_images, t_start, log))
+  finally:
+    if lock is not None:
+      lock.release()

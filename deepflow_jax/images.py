@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepflow_jax import outputs
+from deepflow_jax import storage
 from deepflow_jax import sampling
 from deepflow_jax.models.vae import LATENT_SCALE
 from deepflow_jax.errors import UserError
@@ -97,9 +98,9 @@ def save_png(path: str, image: np.ndarray, *, min_side: int = 0) -> None:
   scale = max(1, min_side // max(image.shape[:2])) if min_side else 1
   if scale > 1:
     image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)  # nearest neighbour
-  parent = os.path.dirname(path)
+  parent = storage.dirname(path)
   if parent:
-    os.makedirs(parent, exist_ok=True)
+    storage.makedirs(parent)
   outputs.atomic_save_png(path, image[..., 0] if image.shape[-1] == 1 else image[..., :3])
 
 

@@ -19,7 +19,9 @@ job follows are kept here:
   and the manifest are created only after every check has passed.
 * **Atomic files.** Every file is written under a temporary name,
   :func:`tmp_name` ``(path) = <path>.tmp-<pid>``, then ``os.replace``-d to its
-  name, so a file that exists under its final name is complete.
+  name, so a file that exists under its final name is complete. A ``gs://``
+  file is written to a local temporary file and uploaded in one request
+  (``deepflow_jax.storage``: a single-object upload is atomic).
 * **Stale temporaries.** A killed run leaves ``<name>.tmp-<pid>`` files (and
   older versions ``<name>.tmp``); :func:`remove_stale_tmp` removes those in a
   folder (or only those whose final name a predicate owns, for folders shared by
@@ -36,12 +38,14 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 from PIL import Image
 
+from deepflow_jax import storage
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import first_line
 
@@ -73,7 +77,14 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
   """Calls ``write(tmp)`` to write :func:`tmp_name` ``(path)``, then renames it to ``path``.
 
   If ``write`` raises, the temporary file is removed and ``path`` is untouched.
+  A ``gs://`` path: ``write`` writes a local temporary file, uploaded in one request.
   """
+  if storage.is_url(path):
+    with tempfile.TemporaryDirectory(prefix="deepflow-upload-") as d:
+      tmp = os.path.join(d, storage.basename(path))
+      write(tmp)
+      storage.upload(tmp, path)
+    return
   tmp = tmp_name(path)
   try:
     write(tmp)
@@ -130,7 +141,7 @@ def atomic_save_png(path: str, image: np.ndarray, *, compress_level: int | None 
 def check_file_path(path: str | None, name: str) -> None:
   """Refuses, before any work, a path that cannot become a file (``name``: the flag or
   key that gave it, for the message)."""
-  if path is None:
+  if path is None or storage.is_url(path):
     return
   if os.path.isdir(path):
     raise UserError(f"{name}={path}: is a directory, expected a file path")
@@ -142,8 +153,7 @@ def check_file_path(path: str | None, name: str) -> None:
 def read_json(path: str) -> Any | None:
   """The JSON document at ``path``; None if there is no file; UserError if it is unreadable."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except FileNotFoundError:
     return None
   except (OSError, ValueError) as e:
@@ -153,11 +163,7 @@ def read_json(path: str) -> Any | None:
 
 def remove_if_exists(path: str) -> bool:
   """Removes the file ``path``; True if there was one."""
-  try:
-    os.remove(path)
-    return True
-  except FileNotFoundError:
-    return False
+  return storage.remove(path)
 
 
 def remove_stale_tmp(directory: str, *, owned: Callable[[str], bool] | None = None,
@@ -175,8 +181,8 @@ def remove_stale_tmp(directory: str, *, owned: Callable[[str], bool] | None = No
     The removed paths.
   """
   removed = []
-  if not os.path.isdir(directory):
-    return removed
+  if storage.is_url(directory) or not os.path.isdir(directory):
+    return removed  # gs:// uploads leave no temporaries
   for dirpath, dirnames, filenames in os.walk(directory):
     if not recursive:
       dirnames[:] = []
@@ -197,23 +203,10 @@ def create_exclusive(path: str, data: bytes) -> bool:
   Atomic among processes (the content is written to a temporary file, which is
   hard-linked to ``path``): of several processes creating the same file at once,
   exactly one wins and the others see its complete content. On a file system
-  without hard links it falls back to check-then-rename (best effort).
+  without hard links it falls back to check-then-rename (best effort); on
+  ``gs://`` it is an upload with ``ifGenerationMatch=0`` (``storage``).
   """
-  tmp = tmp_name(path)
-  with open(tmp, "wb") as f:
-    f.write(data)
-  try:
-    os.link(tmp, path)
-    return True
-  except FileExistsError:
-    return False
-  except OSError:  # no hard links here
-    if os.path.exists(path):
-      return False
-    os.replace(tmp, path)
-    return True
-  finally:
-    remove_if_exists(tmp)
+  return storage.create_exclusive(path, data)
 
 
 # ----------------------------------------------------------------------------
@@ -307,7 +300,7 @@ class OutputFolder:
                format: str,  # pylint: disable=redefined-builtin
                what: str, format_key: str = "format", info_key: str = "info",
                labels: Mapping[str, str] | None = None, flag: str = "--output"):
-    self.path = os.path.abspath(os.fspath(path))
+    self.path = storage.absolute(path)
     self.manifest = manifest
     self.format, self.what = format, what
     self.format_key, self.info_key = format_key, info_key
@@ -316,11 +309,11 @@ class OutputFolder:
 
   @property
   def manifest_path(self) -> str:
-    return os.path.join(self.path, self.manifest)
+    return storage.join(self.path, self.manifest)
 
   def join(self, *parts: str) -> str:
     """A path inside the folder."""
-    return os.path.join(self.path, *parts)
+    return storage.join(self.path, *parts)
 
   def read_manifest(self) -> dict | None:
     """The manifest document; None if absent; UserError if unreadable or of another format."""
@@ -339,18 +332,18 @@ class OutputFolder:
     parts = self.manifest.replace(os.sep, "/").split("/")
     directory = self.path
     for depth, part in enumerate(parts):
-      if not os.path.isdir(directory):
+      if not storage.isdir(directory):
         return True
       last = depth == len(parts) - 1
-      for entry in os.listdir(directory):
+      for entry in storage.listdir(directory):
         if entry.startswith("."):
           continue
         if last and (entry == part or (is_tmp_name(entry) and final_name(entry) == part)):
           continue
-        if not last and entry == part and os.path.isdir(os.path.join(directory, entry)):
+        if not last and entry == part and storage.isdir(storage.join(directory, entry)):
           continue
         return False
-      directory = os.path.join(directory, part)
+      directory = storage.join(directory, part)
     return True
 
   def check(self, settings: Mapping[str, Any]) -> dict | None:
@@ -360,7 +353,8 @@ class OutputFolder:
     if the folder is neither fresh nor holds a manifest, or if its manifest
     records other settings (every differing key is listed).
     """
-    if os.path.exists(self.path) and not os.path.isdir(self.path):
+    if (not storage.is_url(self.path) and os.path.exists(self.path)
+        and not os.path.isdir(self.path)):
       raise UserError(f"{self.flag} {self.path}: exists and is not a directory")
     settings = _as_json(settings)
     doc = self.read_manifest()
@@ -389,7 +383,7 @@ class OutputFolder:
     doc = self.check(settings)
     if doc is not None:
       return doc, True
-    os.makedirs(os.path.dirname(self.manifest_path), exist_ok=True)
+    storage.makedirs(storage.dirname(self.manifest_path))
     created = create_exclusive(self.manifest_path, json_bytes(
         {self.format_key: self.format, "settings": _as_json(settings),
          self.info_key: _as_json(info or {})}))

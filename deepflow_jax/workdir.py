@@ -10,20 +10,22 @@ The one place that knows what ``python -m deepflow_jax.main --workdir=DIR`` writ
     DIR/tb/, DIR/metrics.jsonl      TensorBoard events and the same scalars as JSON lines
     DIR/samples/, DIR/eval/         sample grids; end-of-run evaluation
     DIR/.jax_cache/                 JAX's persistent compilation cache (by default)
+    DIR/.writer.lock                the run writing DIR now (deepflow_jax.locks)
 
-Training (``deepflow_jax.training``) writes it; model loading
+``DIR`` may be a ``gs://`` URL (``deepflow_jax.storage``). Training
+(``deepflow_jax.training``) writes it; model loading
 (``deepflow_jax.models.loading``) and generation read it. Both sit above this
-module, which imports nothing of the project but ``errors``.
+module, which imports nothing of the project but ``errors`` and ``storage``.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any, Callable, Optional
 
 import ml_collections
 
+from deepflow_jax import storage
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import first_line
 
@@ -39,25 +41,26 @@ METRICS_JSONL = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 EVAL_DIR = "eval"
 COMPILE_CACHE_DIR = ".jax_cache"
+# Orbax on gs:// writes a checkpoint in place and commits it with this file last.
+COMMIT_FILE = "commit_success.txt"
 
 
 def checkpoint_dir(workdir: str) -> str:
-  """``WORKDIR/checkpoints`` as an absolute path (Orbax refuses relative ones)."""
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  """``WORKDIR/checkpoints`` as an absolute path or URL (Orbax refuses relative ones)."""
+  return storage.join(storage.absolute(workdir), CHECKPOINT_DIR)
 
 
 def is_workdir(path: str) -> bool:
   """A training workdir: ``config.json`` plus ``checkpoints/``."""
-  return (os.path.isfile(os.path.join(path, CONFIG_JSON))
-          and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)))
+  return (storage.isfile(storage.join(path, CONFIG_JSON))
+          and storage.isdir(storage.join(path, CHECKPOINT_DIR)))
 
 
 def read_config(path: str) -> ml_collections.ConfigDict:
   """The resolved config a training run wrote to ``path/config.json``."""
-  cfg_path = os.path.join(path, CONFIG_JSON)
+  cfg_path = storage.join(path, CONFIG_JSON)
   try:
-    with open(cfg_path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(storage.read_text(cfg_path)))
   except (OSError, ValueError) as e:
     raise UserError(f"{cfg_path}: unreadable training config ({e})") from e
 
@@ -72,27 +75,35 @@ def latent_scale(path: str) -> Optional[float]:
 
 def write_config(workdir: str, config_json: dict[str, Any], log: Callable[[str], None]) -> None:
   """Writes the resolved config; a different earlier one is kept as ``config.<n>.json``."""
-  path = os.path.join(workdir, CONFIG_JSON)
+  path = storage.join(workdir, CONFIG_JSON)
   text = json.dumps(config_json, indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        return
+  try:
+    old = storage.read_text(path)
+  except FileNotFoundError:
+    old = None
+  if old == text:
+    return
+  if old is not None:  # copied, not renamed: gs:// has no rename; config.json is rewritten below
+    names = set(storage.listdir(workdir))
     n = 1
-    while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+    while f"config.{n}.json" in names:
       n += 1
-    os.replace(path, os.path.join(workdir, f"config.{n}.json"))
+    storage.write_text(storage.join(workdir, f"config.{n}.json"), old)
     log(f"config differs from the previous run's; kept that one as config.{n}.json")
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  storage.write_text(path, text)
 
 
 def checkpoint_steps(directory: str) -> list[int]:
-  """The steps of the committed checkpoints in ``directory`` (``WORKDIR/checkpoints``), sorted."""
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+  """The steps of the committed checkpoints in ``directory`` (``WORKDIR/checkpoints``), sorted.
+
+  Locally Orbax renames a finished checkpoint to its step; on ``gs://`` it
+  writes ``<step>/`` in place and commits it with ``COMMIT_FILE``, so a step
+  folder without that file is an uncommitted save and is not listed.
+  """
+  steps = [s for s in storage.listdir(directory) if s.isdigit()]
+  if storage.is_url(directory):
+    steps = [s for s in steps if storage.exists(storage.join(directory, s, COMMIT_FILE))]
+  return sorted(int(s) for s in steps)
 
 
 def restore_newest(directory: str, steps: list[int], restore: Callable[[int], Any]
@@ -115,7 +126,7 @@ def restore_newest(directory: str, steps: list[int], restore: Callable[[int], An
       try:
         return step, restore(step), unreadable
       except Exception as e:  # pylint: disable=broad-except  # Orbax raises many types
-        print(f"WARNING: checkpoint {os.path.join(directory, str(step))} is unreadable "
+        print(f"WARNING: checkpoint {storage.join(directory, str(step))} is unreadable "
               f"({type(e).__name__}: {first_line(e)}); falling back to the previous one",
               flush=True)
         unreadable.append(step)

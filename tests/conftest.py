@@ -5,6 +5,8 @@ import sys
 import numpy as np
 import pytest
 
+from gcs_emulator import gcs, gcs_server  # pylint: disable=unused-import  # the gs:// fixtures
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TINY2T_PT = os.path.join(DATA, "tiny2t.pt")

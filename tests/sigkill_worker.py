@@ -5,8 +5,9 @@
 Parses the flags exactly as main does (its flag definitions and parser), trains
 with ``deepflow_jax.training.iterate_training`` and, when the metrics of step K
 arrive (``train.log_every`` must log step K), waits until the newest checkpoint
-at or before K is committed (its final directory name exists: Orbax renames the
-temporary one when the save is complete), then sends itself SIGKILL: a
+at or before K is committed (``workdir.checkpoint_steps`` lists it: locally Orbax
+renames the temporary directory when the save is complete, on gs:// it writes
+the commit file last), then sends itself SIGKILL: a
 preemption without warning at a point the test knows. While it waits, the
 training generator is paused, so no later step runs or saves. The library has
 no test hooks; this is the test's own code.
@@ -22,6 +23,7 @@ from absl import flags
 from deepflow_jax import flags_lib
 from deepflow_jax import main as main_cli  # noqa: F401  # defines --config and --workdir
 from deepflow_jax import training
+from deepflow_jax import workdir as workdir_lib
 
 flags.DEFINE_integer("kill_at", None, "SIGKILL after this step's metrics", required=True)
 FLAGS = flags.FLAGS
@@ -31,11 +33,12 @@ def _run(argv):
   del argv
   config, workdir, kill_at = FLAGS.config, FLAGS.workdir, FLAGS.kill_at
   every = int(config.train.ckpt_every)
-  committed = os.path.join(os.path.abspath(workdir), "checkpoints", str(kill_at // every * every))
+  directory, committed = workdir_lib.checkpoint_dir(workdir), kill_at // every * every
   for metrics in training.iterate_training(config, workdir):
     if metrics["step"] == kill_at and "loss" in metrics:
       deadline = time.time() + 120
-      while kill_at >= every and not os.path.isdir(committed) and time.time() < deadline:
+      while (kill_at >= every and committed not in workdir_lib.checkpoint_steps(directory)
+             and time.time() < deadline):
         time.sleep(0.02)
       os.kill(os.getpid(), signal.SIGKILL)
   sys.exit(f"sigkill_worker: the run ended before step {kill_at}")

@@ -14,8 +14,8 @@ ENTRY_POINTS = {"deepflow_jax.main", "deepflow_jax.generate", "deepflow_jax.eval
 
 # docs/architecture.md's layers, bottom up: a module may import its own layer and those below.
 LAYERS = [
-    ("foundation", ["errors", "signals", "progress", "npy_io", "outputs", "torch_io", "sharding",
-                    "workdir", "hardware"]),
+    ("foundation", ["errors", "signals", "progress", "npy_io", "storage", "locks", "outputs",
+                    "torch_io", "sharding", "workdir", "hardware"]),
     ("networks", ["models"]),
     ("numerics", ["losses", "sampling", "images"]),
     ("data", ["data"]),

@@ -329,16 +329,22 @@ def build_dataset(source, *, batch_size: int, process_index: int = 0, process_co
 class BatchIterator(grain.DatasetIterator):
   """Iterates a :func:`build_dataset` result with threads / worker processes.
 
-  The state is ``{"next_index": examples consumed}`` (batches x ``batch_size``),
-  whatever the parallelism; ``set_state`` restarts reading at that batch.
-  Reading (threads, workers) starts at the first ``next()`` or
-  ``start_prefetch()``. ``close()`` stops worker processes.
+  The state is ``{"global_index": the next global stream position}`` (global
+  batches consumed x the global batch size), whatever the parallelism and the
+  process count: a run resumed with another number of processes (a TPU slice of
+  another size) continues at the same global batch, so no example of the epoch
+  is skipped or repeated; each process then takes its new share of that batch.
+  ``set_state`` restarts reading at that batch. Reading (threads, workers)
+  starts at the first ``next()`` or ``start_prefetch()``. ``close()`` stops
+  worker processes.
   """
 
-  def __init__(self, batches: grain.MapDataset, *, batch_size: int, parallelism: Parallelism):
+  def __init__(self, batches: grain.MapDataset, *, batch_size: int, parallelism: Parallelism,
+               global_batch_size: int | None = None):
     super().__init__()
     self._batches = batches
     self._batch_size = int(batch_size)
+    self._global = int(global_batch_size or batch_size)
     self._par = parallelism
     self._start = 0  # batches skipped by set_state
     self._taken = 0  # batches returned since
@@ -369,21 +375,20 @@ class BatchIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict[str, int]:
-    return {"next_index": (self._start + self._taken) * self._batch_size}
+    return {"global_index": (self._start + self._taken) * self._global}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    n = state.get("next_index") if isinstance(state, Mapping) else None
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 or (
-        n % self._batch_size):
-      raise UserError(f"data iterator state {state!r}: expected {{'next_index': a multiple of "
-                      f"the per-process batch size {self._batch_size}}} (was the checkpoint "
-                      "written with another batch size or process count?)")
+    n = state.get("global_index") if isinstance(state, Mapping) else None
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 or (n % self._global):
+      raise UserError(f"data iterator state {state!r}: expected {{'global_index': a multiple of "
+                      f"the global batch size {self._global}}} (was the checkpoint written with "
+                      "another global batch size, or by an earlier version?)")
     n = int(n)
-    if n // self._batch_size > len(self._batches):
+    if n // self._global > len(self._batches):
       raise UserError(f"data iterator state {state!r}: beyond the end of the data "
                       f"({len(self._batches)} batches)")
     self._close_inner()
-    self._start, self._taken = n // self._batch_size, 0
+    self._start, self._taken = n // self._global, 0
 
   def start_prefetch(self) -> None:
     it = self._inner()
@@ -411,9 +416,10 @@ def make_train_iterator(data_config, *, global_batch_size: int, process_index: i
 
   ``data_config`` is ``config.data`` (or a dict of its keys). Returns a
   :class:`BatchIterator`: ``next(it)`` gives a dict of numpy arrays (keys per
-  the module docstring); ``it.get_state()`` is ``{"next_index": examples
-  consumed}`` and ``it.set_state(state)`` on an iterator built with the same
-  arguments resumes at the exact next batch. Call ``it.close()`` when done
+  the module docstring); ``it.get_state()`` is ``{"global_index": the next
+  global stream position}`` and ``it.set_state(state)`` on an iterator built
+  with the same global batch size and seed, for any process count, resumes at
+  the exact next global batch. Call ``it.close()`` when done
   (stops worker processes, if any). ``source`` is the
   ``make_source(data_config)`` result when the caller already built it (for
   ``.info``); otherwise it is built here (with ``images``: batches also carry
@@ -435,4 +441,5 @@ def make_train_iterator(data_config, *, global_batch_size: int, process_index: i
   batches = build_dataset(
       source, batch_size=local, process_index=process_index, process_count=process_count,
       seed=seed, num_epochs=int_option(cfg, "num_epochs", lo=1), shuffle=bool(cfg["shuffle"]))
-  return BatchIterator(batches, batch_size=local, parallelism=parallelism)
+  return BatchIterator(batches, batch_size=local, parallelism=parallelism,
+                       global_batch_size=global_batch_size)

@@ -35,6 +35,7 @@ import optax
 from flax import serialization
 
 from deepflow_jax import sampling
+from deepflow_jax import storage
 from deepflow_jax.data import digits as digits_lib
 from deepflow_jax.evaluation import metrics
 from deepflow_jax.errors import UserError
@@ -160,10 +161,9 @@ def train_classifier(image_size: int, seed: int = 0, *, cache_path: str | os.Pat
          "epochs": int(epochs), "batch_size": int(batch_size),
          "learning_rate": float(learning_rate)}
   model = DigitsClassifier()
-  if cache_path is not None and os.path.isfile(cache_path):
+  if cache_path is not None and storage.isfile(os.fspath(cache_path)):
     try:
-      with open(cache_path, "rb") as f:
-        cached = serialization.msgpack_restore(f.read())
+      cached = serialization.msgpack_restore(storage.read_bytes(os.fspath(cache_path)))
     except Exception:  # pylint: disable=broad-except  (garbage file: retrain, overwrite)
       cached = None
     if isinstance(cached, dict) and cached.get("key") == key:
@@ -174,12 +174,10 @@ def train_classifier(image_size: int, seed: int = 0, *, cache_path: str | os.Pat
         pass
   model, params = _train(image_size, int(seed), int(epochs), int(batch_size), float(learning_rate))
   if cache_path is not None:
-    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-    tmp = f"{cache_path}.tmp"
-    with open(tmp, "wb") as f:
-      f.write(serialization.msgpack_serialize(
-          {"key": key, "params": serialization.to_state_dict(params)}))
-    os.replace(tmp, cache_path)
+    cache_path = storage.absolute(cache_path)
+    storage.makedirs(storage.dirname(cache_path))
+    storage.write_bytes(cache_path, serialization.msgpack_serialize(
+        {"key": key, "params": serialization.to_state_dict(params)}))
   return model, params
 
 

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 
 from deepflow_jax import outputs
 from deepflow_jax import sharding as shd
+from deepflow_jax import storage
 from deepflow_jax import workdir as workdir_lib
 from deepflow_jax.errors import UserError
 from deepflow_jax.errors import first_line
@@ -162,8 +163,8 @@ def init_params(model: DeepFlow, seed: int = 0):
 
 
 def is_converted_dir(directory: str) -> bool:
-  return os.path.isfile(os.path.join(directory, MODEL_JSON)) and os.path.isdir(
-      os.path.join(directory, PARAMS_DIR))
+  return storage.isfile(storage.join(directory, MODEL_JSON)) and storage.isdir(
+      storage.join(directory, PARAMS_DIR))
 
 
 def save_converted(directory: str, model: DeepFlow, params, *, extra: Optional[dict] = None,
@@ -173,8 +174,14 @@ def save_converted(directory: str, model: DeepFlow, params, *, extra: Optional[d
   Everything is written into ``<directory>.tmp-<pid>`` first and renamed into
   place, so ``directory`` never holds a half-written checkpoint; leftovers of an
   interrupted run (``<directory>.tmp-*``) are removed. An existing non-empty
-  ``directory`` is refused unless ``force``, then replaced.
+  ``directory`` is refused unless ``force``, then replaced. A ``gs://`` directory
+  (no rename there) is written in place: Orbax commits ``params/`` and
+  ``model.json``, which marks a converted checkpoint, is written last (and
+  removed first when replacing one).
   """
+  if storage.is_url(directory):
+    _save_converted_url(storage.absolute(directory), model, params, extra=extra, force=force)
+    return
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise ConversionError(f"{directory}: exists and is not a directory")
@@ -212,17 +219,39 @@ def save_converted(directory: str, model: DeepFlow, params, *, extra: Optional[d
       shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _save_converted_url(directory: str, model: DeepFlow, params, *, extra: Optional[dict],
+                        force: bool) -> None:
+  """``save_converted`` on object storage: model.json last, so a half-written one never loads."""
+  storage.configure_emulator()
+  if storage.listdir(directory):
+    if not is_converted_dir(directory):
+      raise ConversionError(f"{directory}: not empty and not a converted checkpoint; choose an "
+                            "empty or new output directory (nothing was changed)")
+    if not force:
+      raise ConversionError(f"{directory}: already holds a converted checkpoint; pass --force "
+                            "to replace it")
+    storage.remove(storage.join(directory, MODEL_JSON))  # no longer a checkpoint from here on
+  storage.rmtree(directory)  # an earlier (or interrupted) conversion's files
+  meta = {"format": CONVERTED_FORMAT, "model": model_to_dict(model)}
+  meta.update(extra or {})
+  params = jax.tree.map(np.asarray, flax.linen.unbox(params))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(storage.join(directory, PARAMS_DIR), params)
+    ckptr.wait_until_finished()
+  outputs.atomic_write_json(storage.join(directory, MODEL_JSON), meta)
+
+
 def load_converted(directory: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
                    attention_impl: Optional[str] = None) -> tuple[DeepFlow, Any]:
   """Loads what ``save_converted`` wrote; returns ``(model, params)``."""
-  directory = os.path.abspath(directory)
-  meta_path = os.path.join(directory, MODEL_JSON)
+  storage.configure_emulator()
+  directory = storage.absolute(directory)
+  meta_path = storage.join(directory, MODEL_JSON)
   if not is_converted_dir(directory):
     raise ConversionError(f"{directory}: not a converted checkpoint (expected {MODEL_JSON} and "
                           f"{PARAMS_DIR}/ written by python -m deepflow_jax.convert)")
   try:
-    with open(meta_path) as f:
-      meta = json.load(f)
+    meta = json.loads(storage.read_text(meta_path))
     arch = meta["model"]
   except (OSError, ValueError, KeyError) as e:
     raise ConversionError(f"{meta_path}: unreadable model description ({e})") from e
@@ -230,7 +259,7 @@ def load_converted(directory: str, *, dtype=jnp.float32, param_dtype=jnp.float32
                           attention_impl=attention_impl, source=meta_path)
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(os.path.join(directory, PARAMS_DIR), abstract_params(model))
+      params = ckptr.restore(storage.join(directory, PARAMS_DIR), abstract_params(model))
   except Exception as e:  # orbax raises many types for structure/shape mismatches
     raise ConversionError(f"{directory}/{PARAMS_DIR}: parameters do not match {MODEL_JSON} "
                           f"({first_line(e)})") from e
@@ -249,7 +278,8 @@ def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = No
   device whatever layout the training run saved; an unreadable checkpoint is
   skipped with a warning for the previous one (``workdir.restore_newest``).
   """
-  path = os.path.abspath(path)  # Orbax refuses relative paths
+  storage.configure_emulator()
+  path = storage.absolute(path)  # Orbax refuses relative paths
   config = workdir_lib.read_config(path)
   config.model.dtype = dtype
   model = model_from_config(config)
@@ -264,7 +294,7 @@ def load_workdir_ema(path: str, dtype: str = "float32", step: Optional[int] = No
   def restore(s):
     with ocp.PyTreeCheckpointer() as c:
       return c.restore(
-          os.path.join(ckpt_dir, str(s), workdir_lib.STATE_ITEM),
+          storage.join(ckpt_dir, str(s), workdir_lib.STATE_ITEM),
           args=ocp.args.PyTreeRestore(
               item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
               partial_restore=True))["ema_params"]
@@ -334,7 +364,7 @@ def load_model(path: str, dtype: str = "float32") -> tuple[Any, Any]:
   loader accepts it.
   """
   dtype = sampling_dtype(dtype)
-  if not os.path.exists(path):
+  if not (storage.exists(path) or storage.isdir(path)):
     raise UserError(f"{path}: no such checkpoint (expected a converted checkpoint directory "
                     "written by python -m deepflow_jax.convert, or a training workdir)")
   for loader in MODEL_LOADERS:

@@ -8,21 +8,24 @@ Each checkpoint holds two items (names in ``deepflow_jax.workdir``):
   the batches an uninterrupted run would.
 
 Saves are asynchronous (training continues while the previous save is written)
-and atomic (Orbax writes into a temporary directory and renames it when
-complete, so a run killed mid-save leaves no half checkpoint behind). Only the
+and atomic: locally Orbax writes into a temporary directory and renames it when
+complete; on ``gs://`` (no directory rename there) it writes ``<step>/`` in
+place and commits it by writing ``commit_success.txt`` last, and a step without
+that file is never listed as a checkpoint. A run killed mid-save leaves no half
+checkpoint that a resume would take. Only the
 last ``keep`` are kept. ``restore_latest`` falls back to the previous
 checkpoint, with a warning naming the bad one, when the newest cannot be read
 (``workdir.restore_newest``), and sets the bad ones aside.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from deepflow_jax import storage
 from deepflow_jax import workdir as workdir_lib
 
 
@@ -35,6 +38,7 @@ def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    storage.configure_emulator()  # tensorstore reads TENSORSTORE_GCS_HTTP_URL
     self.directory = workdir_lib.checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
@@ -85,7 +89,7 @@ class Checkpointer:
   def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
     """``{"params/blocks_0/...": shape}`` of checkpoint ``step``'s state, from its metadata
     alone (nothing restored); raises when the metadata cannot be read."""
-    path = os.path.join(self.directory, str(step), workdir_lib.STATE_ITEM)
+    path = storage.join(self.directory, str(step), workdir_lib.STATE_ITEM)
     with ocp.StandardCheckpointer() as c:
       meta = c.metadata(path).item_metadata
     return tree_shapes(meta)
@@ -105,15 +109,15 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("deepflow_jax:unreadable_checkpoints")
     if jax.process_index() == 0:
-      aside = os.path.join(os.path.dirname(self.directory), workdir_lib.UNREADABLE_DIR)
-      os.makedirs(aside, exist_ok=True)
+      aside = storage.join(storage.dirname(self.directory), workdir_lib.UNREADABLE_DIR)
+      storage.makedirs(aside)
+      taken = set(storage.listdir(aside))
       for step in steps:
-        dest = os.path.join(aside, str(step))
-        n = 1
-        while os.path.exists(dest):
-          dest = os.path.join(aside, f"{step}.{n}")
-          n += 1
-        os.replace(os.path.join(self.directory, str(step)), dest)
+        name, n = str(step), 1
+        while name in taken:
+          name, n = f"{step}.{n}", n + 1
+        dest = storage.join(aside, name)
+        storage.move_tree(storage.join(self.directory, str(step)), dest)
         print(f"moved unreadable checkpoint {step} to {dest}", flush=True)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("deepflow_jax:unreadable_checkpoints_moved")

@@ -18,7 +18,7 @@ saves and stops.
 """
 from __future__ import annotations
 
-import os
+
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -27,6 +27,7 @@ from deepflow_jax import images as images_lib
 from deepflow_jax import outputs
 from deepflow_jax import sampling
 from deepflow_jax import sharding as shd
+from deepflow_jax import storage
 from deepflow_jax import workdir as workdir_lib
 from deepflow_jax.evaluation import digits as digits_eval
 from deepflow_jax.evaluation import reference as reference_lib
@@ -112,7 +113,7 @@ class SampleGridHook(Hook):
     self.rows = min(int(sample_config.grid_classes), model.num_classes)
     self.per_class = int(sample_config.grid_per_class)
     self.seed, self.latent, self.is_main, self.log = seed + GRID_SEED, latent, is_main, log
-    self.dir = os.path.join(workdir, workdir_lib.SAMPLES_DIR)
+    self.dir = storage.join(workdir, workdir_lib.SAMPLES_DIR)
     self.should_stop = should_stop
     self.every, self.at_end = int(every), True
 
@@ -127,14 +128,14 @@ class SampleGridHook(Hook):
                              should_stop=self.should_stop)
     if self.latent and self.decode is None:
       if self.is_main:
-        path = os.path.join(self.dir, f"latents_{step:08d}.npy")
-        os.makedirs(self.dir, exist_ok=True)
+        path = storage.join(self.dir, f"latents_{step:08d}.npy")
+        storage.makedirs(self.dir)
         outputs.atomic_save_npy(path, x)
         self.log(f"[samples] wrote {path} (set sample.vae to decode grids to PNG)")
       return None
     pictures = _to_images(x, self.decode)  # decoding runs on every process
     if self.is_main:
-      path = os.path.join(self.dir, f"grid_{step:08d}.png")
+      path = storage.join(self.dir, f"grid_{step:08d}.png")
       images_lib.save_grid(pictures, self.rows, path)
       self.log(f"[samples] wrote {path}")
     return None
@@ -189,8 +190,8 @@ class DigitsEvalHook(Hook):
                should_stop: Callable[[], bool]):
     self.model, self.settings, self.e, self.mesh = model, settings, eval_config, mesh
     self.seed, self.is_main, self.log, self.should_stop = seed + DIGITS_SEED, is_main, log, should_stop
-    self.eval_dir = os.path.join(workdir, workdir_lib.EVAL_DIR)
-    self.grid_path = os.path.join(workdir, workdir_lib.SAMPLES_DIR, "eval_grid.png")
+    self.eval_dir = storage.join(workdir, workdir_lib.EVAL_DIR)
+    self.grid_path = storage.join(workdir, workdir_lib.SAMPLES_DIR, "eval_grid.png")
     self.every, self.at_end = 0, int(eval_config.num_samples) > 0
 
   def run(self, step, state):
@@ -199,13 +200,13 @@ class DigitsEvalHook(Hook):
     metrics, images, labels = digits_eval.sample_and_evaluate(
         self.model, state.ema_params, s, num_samples=n, seed=self.seed,
         per_device_batch=max(1, int(self.e.batch_size) // self.mesh.size),
-        cache_path=os.path.join(self.eval_dir, "classifier.msgpack"), mesh=self.mesh,
+        cache_path=storage.join(self.eval_dir, "classifier.msgpack"), mesh=self.mesh,
         should_stop=self.should_stop)
     metrics.update(step=int(step), sampler=s.sampler, num_steps=int(s.num_steps),
                    cfg_scale=float(s.cfg_scale))
     if self.is_main:
-      os.makedirs(self.eval_dir, exist_ok=True)
-      path = os.path.join(self.eval_dir, "metrics.json")
+      storage.makedirs(self.eval_dir)
+      path = storage.join(self.eval_dir, "metrics.json")
       outputs.atomic_write_json(path, metrics)
       self.log(f"[eval] class_accuracy {metrics['class_accuracy']:.4f}, frechet_distance "
                f"{metrics['frechet_distance']:.4f} (real vs real "

@@ -18,10 +18,13 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 from clu import parameter_overview
+from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 from deepflow_jax import config_lib
+from deepflow_jax import locks
 from deepflow_jax import sharding as shd
+from deepflow_jax import storage
 from deepflow_jax import workdir as workdir_lib
 from deepflow_jax.data import pipeline
 from deepflow_jax.data.common import DatasetInfo
@@ -61,6 +64,7 @@ class Run:
   state: Any
   step: int
   last_saved: int
+  lock: Optional[locks.WriterLock] = None
 
   def stop_requested(self) -> bool:
     """True once SIGTERM / SIGINT arrived (what long hooks ask between batches)."""
@@ -72,6 +76,8 @@ class Run:
     self.writer.close()
     if hasattr(self.data_it, "close"):
       self.data_it.close()
+    if self.lock is not None:
+      self.lock.release()
 
 
 def compilation_cache_dir(config, workdir: str) -> Optional[str]:
@@ -87,8 +93,7 @@ def compilation_cache_dir(config, workdir: str) -> Optional[str]:
   setting = str(config.train.compile_cache_dir)
   if setting == "none":
     return None
-  return os.path.abspath(os.path.expanduser(
-      setting or os.path.join(workdir, workdir_lib.COMPILE_CACHE_DIR)))
+  return storage.absolute(setting or storage.join(workdir, workdir_lib.COMPILE_CACHE_DIR))
 
 
 def setup_compilation_cache(config, workdir: str) -> Optional[str]:
@@ -123,13 +128,14 @@ def check_data_matches_model(info: DatasetInfo, model) -> None:
 
 def _check_paths(config, workdir: str) -> None:
   """The workdir and the files the config names, before anything is built."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  storage.check_bucket(workdir, "--workdir")
+  if not storage.is_url(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir}: exists and is not a directory")
   t = config.train
   if t.init_from and not (is_converted_dir(t.init_from) or workdir_lib.is_workdir(t.init_from)):
     raise UserError(f"train.init_from={t.init_from!r}: not a converted checkpoint directory "
                     "(python -m deepflow_jax.convert writes one) or a training workdir")
-  if config.sample.vae and not os.path.exists(config.sample.vae):
+  if config.sample.vae and not storage.exists(config.sample.vae):
     raise UserError(f"sample.vae={config.sample.vae!r}: no such VAE folder")
 
 
@@ -248,22 +254,20 @@ def fresh_state(config, trainer: Trainer, log) -> Any:
 
 def _write_workdir(config, workdir: str, info: DatasetInfo, params, log) -> None:
   """The resolved config (with what the data really used) and, once, the parameter table."""
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   resolved = config.copy_and_resolve_references()
   if info.is_latent:  # what the run really used (the dataset's record or the default)
     resolved.data.latent_scale = float(info.latent_scale)
     resolved.data.vae_downsampling = int(info.vae_downsampling)
   workdir_lib.write_config(workdir, config_lib.to_json_dict(resolved), log)
-  path = os.path.join(workdir, workdir_lib.OVERVIEW_FILE)
+  path = storage.join(workdir, workdir_lib.OVERVIEW_FILE)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  if os.path.exists(path):
+  if storage.exists(path):
     log(f"parameters: {n:,} (table in {path})")
     return
   table = parameter_overview.get_parameter_overview(params, include_stats=False)
   log(table)
-  with open(path + ".tmp", "w") as f:
-    f.write(table + "\n")
-  os.replace(path + ".tmp", path)
+  storage.write_text(path, table + "\n")
 
 
 def prepare(config, workdir: str, log: Callable[[str], None], signals: StopRequests) -> Run:
@@ -271,8 +275,38 @@ def prepare(config, workdir: str, log: Callable[[str], None], signals: StopReque
 
   ``config`` must have passed ``config_lib.validate``.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   _check_paths(config, workdir)
+  lock = _hold_workdir(workdir, log)  # before anything is built: a refused run touches nothing
+  try:
+    return _prepare(config, workdir, log, signals, lock)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+
+
+def _hold_workdir(workdir: str, log) -> Optional[locks.WriterLock]:
+  """Process 0 takes the workdir's writer lock (``deepflow_jax.locks``); every process of
+  the run learns whether it was refused, and all stop with one line if so."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = locks.WriterLock(workdir, flag="--workdir", log=log).acquire()
+    except UserError as e:
+      error = e
+  if jax.process_count() > 1:
+    refused = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if refused and error is None:
+      error = UserError(f"--workdir {workdir}: refused by process 0 (another run holds it; "
+                        "see process 0's error line)")
+  if error is not None:
+    raise error
+  return lock
+
+
+def _prepare(config, workdir: str, log, signals: StopRequests,
+             lock: Optional[locks.WriterLock]) -> Run:
   is_main = jax.process_index() == 0
   mesh, model, source, trainer = _build(config, workdir, log)
   t = config.train
@@ -291,6 +325,6 @@ def prepare(config, workdir: str, log: Callable[[str], None], signals: StopReque
   # Everything the run needs is in hand: only now is anything written into the workdir.
   if is_main:
     _write_workdir(config, workdir, source.info, state.params, log)
-  writer = MetricWriter(os.path.join(workdir, workdir_lib.TB_DIR), enabled=is_main)
+  writer = MetricWriter(storage.join(workdir, workdir_lib.TB_DIR), enabled=is_main)
   return Run(config, workdir, log, is_main, mesh, model, source.info, trainer, ckpt, data_it,
-             writer, signals, state, step, last_saved)
+             writer, signals, state, step, last_saved, lock)

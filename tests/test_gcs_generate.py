@@ -1,0 +1,81 @@
+"""generate, convert and evaluate with gs:// paths (a local fake-gcs-server; only
+STORAGE_EMULATOR_HOST is set)."""
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from conftest import ROOT
+from conftest import TINY2T_PT
+from conftest import cpu_env
+from deepflow_jax import convert
+from deepflow_jax import storage
+from deepflow_jax.models import loading
+from test_train import assert_trees_equal
+from test_train import run_main
+
+GEN = ["--num_samples=24", "--sampler=euler", "--num_steps=2", "--per_device_batch=2",
+       "--labels=cycle"]
+
+
+def _generate(*args, wait_for_batch=None):
+  """``python -m deepflow_jax.generate``; ``wait_for_batch``: a gs:// folder, SIGKILL the run
+  as soon as its first finished batch is there."""
+  cmd = [sys.executable, "-m", "deepflow_jax.generate", *args]
+  env = cpu_env(1, compile_cache=True)
+  if wait_for_batch is None:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+  p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                       cwd=ROOT)
+  deadline = time.time() + 200
+  while not storage.listdir(f"{wait_for_batch}/latents") and time.time() < deadline:
+    assert p.poll() is None, p.communicate()
+    time.sleep(0.02)
+  p.send_signal(signal.SIGKILL)
+  p.communicate()
+  return p
+
+
+def _npz(path):
+  with np.load(io.BytesIO(storage.read_bytes(path))) as f:
+    return {k: f[k] for k in f.files}
+
+
+def test_generate_from_gs_workdir_into_gs_resumed_after_sigkill(tmp_path, gcs):
+  wd, out = f"{gcs}/run", f"{gcs}/samples"
+  run_main(wd, "--config.train.num_steps=1", "--config.train.ckpt_every=1")
+  local = tmp_path / "local"
+  r = _generate(f"--checkpoint={wd}", f"--output={local}", *GEN)
+  assert r.returncode == 0, r.stderr[-2000:]
+  p = _generate(f"--checkpoint={wd}", f"--output={out}", *GEN, wait_for_batch=out)
+  assert p.returncode == -signal.SIGKILL
+  done = storage.listdir(f"{out}/latents")
+  assert 0 < len(done) < 12 and not storage.exists(f"{out}/samples.npz")
+  assert storage.exists(f"{out}/.writer.lock")  # the killed run's: stale (dead pid, this host)
+  r = _generate(f"--checkpoint={wd}", f"--output={out}", *GEN)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "(resumed)" in r.stdout and "took over the stale lock" in r.stdout
+  a, b = _npz(str(local / "samples.npz")), _npz(f"{out}/samples.npz")
+  assert a.keys() == b.keys() == {"arr_0", "latents", "labels"}
+  for k in a:  # the same program on the same device: the same bits
+    np.testing.assert_array_equal(a[k], b[k])
+  assert storage.listdir(f"{out}/images")[:2] == ["000000.png", "000001.png"]
+  assert not storage.exists(f"{out}/.writer.lock")
+
+
+def test_convert_to_gs_and_load_back(gcs, tiny2t, capsys):
+  out = f"{gcs}/tiny2t"
+  assert convert.main([f"--checkpoint={TINY2T_PT}", f"--output={out}"]) == 0
+  assert loading.is_converted_dir(out)
+  model, params = loading.load_model(out)
+  assert model == tiny2t[0].clone(dtype=model.dtype) or model.hidden_size == tiny2t[0].hidden_size
+  assert_trees_equal(params, tiny2t[1])
+  # A second conversion is refused without --force, and replaces it with --force.
+  assert convert.main([f"--checkpoint={TINY2T_PT}", f"--output={out}"]) == 2
+  assert "already holds a converted checkpoint" in capsys.readouterr().err
+  assert convert.main([f"--checkpoint={TINY2T_PT}", f"--output={out}", "--force"]) == 0
+  assert_trees_equal(loading.load_model(out)[1], tiny2t[1])
