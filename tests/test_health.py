@@ -163,3 +163,84 @@ def test_changed_architecture_resume_is_refused_and_allowed_changes_resume(tmp_p
   with open(w / "metrics.jsonl") as f:
     steps = [json.loads(l)["step"] for l in f]
   assert steps == sorted(set(steps)), steps  # no duplicate rows
+
+
+def test_workdir_that_cannot_be_written_is_refused_before_compiling(tmp_path):
+  """A workdir under a regular file (works as root too) and, when not root, in a read-only
+  directory: one error line, exit 2, nothing created."""
+  plain = tmp_path / "plain"
+  plain.write_text("x")
+  r = run_main(plain / "w", "--config.train.num_steps=1")
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = _error_lines(r.stderr)
+  assert len(lines) == 1 and f"{plain} is a file, not a directory" in lines[0], lines
+  assert "compilation cache" not in r.stdout
+  if os.geteuid() != 0:  # root writes through permission bits
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+      r = run_main(ro / "w", "--config.train.num_steps=1")
+      assert r.returncode == 2 and "cannot write into" in r.stderr, r.stderr[-3000:]
+      assert os.listdir(ro) == []
+    finally:
+      ro.chmod(0o755)
+
+
+def _run_enospc(workdir, fail, *overrides):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  merged = dict(a.split("=", 1) for a in (*TINY, *overrides))
+  cmd = [sys.executable, os.path.join(HERE, "enospc_worker.py"), f"--fail={fail}",
+         f"--config={DIGITS}", f"--workdir={workdir}", *(f"{k}={v}" for k, v in merged.items())]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                        env=cpu_env(1, compile_cache=True), cwd=ROOT)
+
+
+def test_full_disk_during_a_checkpoint_save_then_resume(tmp_path):
+  """ENOSPC in checkpoint 2's background save: one line naming checkpoints/2, exit 2, no
+  temporary checkpoint left; the rerun resumes from checkpoint 1 with one metrics row a step."""
+  w = tmp_path / "w"
+  flags = ("--config.train.num_steps=4", "--config.train.ckpt_every=1")
+  r = _run_enospc(w, "ckpt:2", *flags)
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = _error_lines(r.stderr)
+  assert len(lines) == 1, lines
+  assert str(w / "checkpoints" / "2") in lines[0] and "No space left on device" in lines[0]
+  assert sorted(os.listdir(w / "checkpoints")) == ["1"]
+  r = run_main(w, *flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from" in r.stdout
+  with open(w / "metrics.jsonl") as f:
+    assert [json.loads(l)["step"] for l in f] == [1, 2, 3, 4]
+
+
+def test_full_disk_writing_metrics_is_one_line(tmp_path):
+  """ENOSPC appending to metrics.jsonl: one line naming the file, exit 2."""
+  w = tmp_path / "w"
+  r = _run_enospc(w, "metrics:2", "--config.train.num_steps=3")
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = _error_lines(r.stderr)
+  assert len(lines) == 1 and lines[0].startswith(f"error: {w / 'metrics.jsonl'}: No space"), lines
+
+
+def test_file_system_errors_of_any_entry_point_are_one_line(capsys):
+  """The shared error path: an OSError of a full disk / read-only mount anywhere in an entry
+  point (generate, preprocess, convert outputs) is one line naming the file, exit 2."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from deepflow_jax import errors  # pylint: disable=g-import-not-at-top
+
+  @errors.cli_main
+  def entry(argv):
+    try:
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/out/samples.npz.tmp-1")
+    except OSError as e:
+      raise RuntimeError("writer failed") from e
+
+  hooks = (__import__("sys").excepthook, __import__("sys").unraisablehook)
+  try:
+    assert entry(None) == 2
+  finally:
+    __import__("sys").excepthook, __import__("sys").unraisablehook = hooks
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: /out/samples.npz.tmp-1: Read-only"), err

@@ -120,10 +120,26 @@ def check_data_matches_model(info: DatasetInfo, model) -> None:
                     f"{model.num_classes}")
 
 
+def check_writable_dir(path: str, name: str) -> None:
+  """Refuses (``UserError``) a local directory that could not be created or written: one
+  under a regular file, on a read-only mount, or without permission. Creates nothing."""
+  if "://" in path:  # remote storage: its client reports its own errors
+    return
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserError(f"{name} {path}: {existing} is a file, not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f"{name} {path}: cannot write into {existing} (read-only file system or "
+                    "permission denied)")
+
+
 def _check_paths(config, workdir: str) -> None:
   """The workdir and the files the config names, before anything is built."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir}: exists and is not a directory")
+  check_writable_dir(workdir, "--workdir")
   t = config.train
   if t.init_from and not (is_converted_dir(t.init_from) or workdir_lib.is_workdir(t.init_from)):
     raise UserError(f"train.init_from={t.init_from!r}: not a converted checkpoint directory "
@@ -284,5 +300,6 @@ def prepare(config, workdir: str, log: Callable[[str], None], signals: StopReque
   if is_main:
     _write_workdir(config, workdir, source.info, state.params, log)
   writer = MetricWriter(os.path.join(workdir, workdir_lib.TB_DIR), enabled=is_main)
+  writer.drop_rows_after(step)  # rows a stopped run logged after its last checkpoint
   return Run(config, workdir, log, is_main, mesh, model, source.info, trainer, ckpt, data_it,
              writer, signals, state, step, last_saved)

@@ -30,6 +30,27 @@ class MetricWriter:
     with open(self._jsonl, "a") as f:
       f.write(json.dumps({"step": int(step), **values}, allow_nan=False) + "\n")
 
+  def drop_rows_after(self, step: int) -> int:
+    """Removes the ``metrics.jsonl`` rows of steps after ``step`` (a resume from an earlier
+    checkpoint logs them again) and a torn last line; returns how many were dropped."""
+    if self._w is None or not os.path.exists(self._jsonl):
+      return 0
+    with open(self._jsonl) as f:
+      lines = f.readlines()
+    keep = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if int(row.get("step", 0)) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+      with open(self._jsonl + ".tmp", "w") as f:
+        f.writelines(keep)
+      os.replace(self._jsonl + ".tmp", self._jsonl)
+    return len(lines) - len(keep)
+
   def close(self) -> None:
     if self._w is not None:
       self._w.close()
