@@ -268,10 +268,10 @@ def _write_workdir(config, workdir: str, info: DatasetInfo, params, log) -> None
     log(f"parameters: {n:,} (table in {path})")
     return
   table = parameter_overview.get_parameter_overview(params, include_stats=False)
-  log(table)
   with open(path + ".tmp", "w") as f:
     f.write(table + "\n")
   os.replace(path + ".tmp", path)
+  log(f"parameters: {n:,} in {len(jax.tree.leaves(params))} arrays (table in {path})")
 
 
 def prepare(config, workdir: str, log: Callable[[str], None], signals: StopRequests) -> Run:
