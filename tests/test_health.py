@@ -268,3 +268,18 @@ def test_bfloat16_and_float32_digits_losses_agree_over_the_first_steps():
     assert all(x.dtype == np.float32 for x in _leaves((state.params, state.ema_params)))
     losses[dtype] = np.array(out)
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.03)
+
+
+def test_evaluate_refuses_a_resolution_mismatch_unless_allowed(tmp_path):
+  """32x32 samples against an 8x8 reference: one UserError naming both sizes and the flag;
+  with allow_resolution_mismatch the check passes."""
+  from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.evaluation import suite  # pylint: disable=g-import-not-at-top
+  samples, ref, inc = tmp_path / "s.npz", tmp_path / "r.npz", tmp_path / "inception.pth"
+  np.savez(samples, arr_0=np.zeros((8, 32, 32, 3), np.uint8))
+  np.savez(ref, arr_0=np.zeros((8, 8, 8, 3), np.uint8))
+  inc.write_bytes(b"x")
+  with pytest.raises(UserError, match=r"samples are 32x32 .* holds 8x8 .*--allow_resolution"):
+    suite.check_inputs(str(samples), str(ref), str(inc))
+  assert suite.check_inputs(str(samples), str(ref), str(inc),
+                            allow_resolution_mismatch=True).shape == (8, 32, 32, 3)
