@@ -283,3 +283,16 @@ def test_evaluate_refuses_a_resolution_mismatch_unless_allowed(tmp_path):
     suite.check_inputs(str(samples), str(ref), str(inc))
   assert suite.check_inputs(str(samples), str(ref), str(inc),
                             allow_resolution_mismatch=True).shape == (8, 32, 32, 3)
+
+
+def test_data_shape_message_names_the_file_it_was_read_from():
+  """A REPA folder whose first .npy has the wrong shape: the message names that file and the
+  expected moments' shape, not only the model settings."""
+  import types  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.training import startup  # pylint: disable=g-import-not-at-top
+  info = types.SimpleNamespace(shape=(16, 16, 4), num_classes=10)
+  model = types.SimpleNamespace(input_size=32, in_channels=4, num_classes=1000)
+  with pytest.raises(UserError, match=r"read from /d/00000/img-mean-std-00000000\.npy.*"
+                                      r"\(8, 32, 32\)"):
+    startup.check_data_matches_model(info, model, "/d/00000/img-mean-std-00000000.npy")

@@ -110,11 +110,14 @@ def setup_compilation_cache(config, workdir: str) -> Optional[str]:
   return path
 
 
-def check_data_matches_model(info: DatasetInfo, model) -> None:
+def check_data_matches_model(info: DatasetInfo, model, shape_from: Optional[str] = None) -> None:
+  """``shape_from``: the file the data's shape was read from (REPA: the first .npy), named."""
   want = (model.input_size, model.input_size, model.in_channels)
   if tuple(info.shape) != want:
-    raise UserError(f"the data's examples are {tuple(info.shape)} (h, w, c) but the model expects "
-                    f"{want}: set model.input_size / model.in_channels to match")
+    source = (f" (read from {shape_from}; if only that file is odd, replace it: the model "
+              f"expects ({2 * want[2]}, {want[0]}, {want[1]}) moments)" if shape_from else "")
+    raise UserError(f"the data's examples are {tuple(info.shape)} (h, w, c){source} but the "
+                    f"model expects {want}: set model.input_size / model.in_channels to match")
   if info.num_classes > model.num_classes:
     raise UserError(f"the data has {info.num_classes} classes but model.num_classes="
                     f"{model.num_classes}")
@@ -159,7 +162,8 @@ def _build(config, workdir: str, log) -> tuple[Any, Any, Any, Trainer]:
   # Built once: the REPA layout walks its folder. SSL alignment reads the raw images too.
   source = pipeline.make_source(config.data, images=model.ssl_align)
   info = source.info
-  check_data_matches_model(info, model)
+  check_data_matches_model(info, model,
+                           source.file_path(0) if hasattr(source, "file_path") else None)
   log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({platform}), "
       f"processes: {jax.process_count()}, mesh: {dict(mesh.shape)}; data: {info.name} "
       f"({info.num_examples:,} examples of {tuple(info.shape)}); compute dtype "
