@@ -17,6 +17,11 @@ import os
 import re
 import sys
 
+from deepflow_jax import signals
+
+signals.record_early_signals()  # before the imports below (JAX: seconds)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -29,6 +34,7 @@ from deepflow_jax.errors import debug
 from deepflow_jax.errors import first_line
 from deepflow_jax.errors import print_error
 from deepflow_jax.training import train
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",

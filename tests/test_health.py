@@ -296,3 +296,21 @@ def test_data_shape_message_names_the_file_it_was_read_from():
   with pytest.raises(UserError, match=r"read from /d/00000/img-mean-std-00000000\.npy.*"
                                       r"\(8, 32, 32\)"):
     startup.check_data_matches_model(info, model, "/d/00000/img-mean-std-00000000.npy")
+
+
+def test_a_signal_during_start_up_is_taken_by_the_run():
+  """record_early_signals (main calls it before importing JAX): a SIGTERM that arrives before
+  the run's StopRequests is installed is not lost; the run sees it as requested (143)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from deepflow_jax import signals  # pylint: disable=g-import-not-at-top
+  old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    signals.record_early_signals()
+    os.kill(os.getpid(), signal.SIGTERM)
+    with signals.StopRequests() as stop:
+      assert stop.requested and stop.exit_status == 143
+    with signals.StopRequests() as stop:  # taken once
+      assert not stop.requested
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
