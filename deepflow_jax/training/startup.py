@@ -212,8 +212,9 @@ def _quiet_absl():
 
 def check_resumable(config, workdir: str, trainer: Trainer, ckpt: Checkpointer) -> None:
   """Refuses (``UserError``, nothing moved or written) a resume whose state shapes differ
-  from the newest checkpoint's whose metadata can be read; unreadable ones are left to the
-  restore's fallback."""
+  from the newest checkpoint's whose metadata can be read (same arrays of other shapes, or
+  other arrays with changed model/optimiser/loss keys in ``config.json``); unreadable ones
+  are left to the restore's fallback."""
   want = tree_shapes(trainer.abstract_state)
   for step in reversed(ckpt.all_steps()):
     try:
@@ -224,6 +225,8 @@ def check_resumable(config, workdir: str, trainer: Trainer, ckpt: Checkpointer) 
     if saved == want:
       return
     changes = config_changes(config, workdir)
+    if not changes and set(saved) != set(want):
+      continue  # another tree and no changed setting: a damaged file, the restore falls back
     paths = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
     what = ("; ".join(changes) if changes else
             f"state arrays {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}")
