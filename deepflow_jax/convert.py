@@ -38,6 +38,7 @@ from deepflow_jax.models.conversion import parse_df_idxs
 from deepflow_jax.models.conversion import reference_checkpoint
 from deepflow_jax.models.loading import is_converted_dir
 from deepflow_jax.models.loading import load_converted
+from deepflow_jax.models.loading import load_model
 from deepflow_jax.models.loading import model_to_dict
 from deepflow_jax.models.loading import save_converted
 from deepflow_jax.torch_io import ConversionError
@@ -74,7 +75,8 @@ def _parser() -> ArgumentParser:
                  help="replace an existing converted checkpoint / exported file")
   p.add_argument("--export", action="store_true",
                  help="export a converted directory (--input) back to PyTorch")
-  p.add_argument("--input", help="converted directory to export (with --export)")
+  p.add_argument("--input", help="converted directory or training workdir (its EMA weights) "
+                 "to export (with --export)")
   p.add_argument("--layout", default="state_dict", choices=("state_dict", "reference"),
                  help="--export writes a bare state_dict, or the reference's own checkpoint "
                  "{'model', 'ema', 'args', 'steps'} that its generate.py loads as is")
@@ -88,7 +90,8 @@ def _parser() -> ArgumentParser:
 
 def _export(a) -> int:
   if not a.input:
-    raise ConversionError("--export needs --input=DIR (a converted checkpoint directory)")
+    raise ConversionError("--export needs --input=DIR (a converted checkpoint directory or a "
+                          "training workdir)")
   out = os.path.abspath(a.output)
   if os.path.isdir(out):
     raise ConversionError(f"--output {out}: is a directory; --export writes one file "
@@ -98,7 +101,9 @@ def _export(a) -> int:
   if a.layout == "reference" and out.endswith(".safetensors"):
     raise ConversionError("--layout=reference writes a .pt file (a nested dict); use a .pt "
                           "--output or --layout=state_dict")
-  model, params = load_converted(a.input)
+  # A converted directory, or a training workdir: its newest checkpoint's EMA weights.
+  model, params = (load_converted(a.input) if is_converted_dir(a.input) else
+                   load_model(a.input))
   outputs.remove_stale_tmp(os.path.dirname(out), owned=lambda path: path == out)  # a killed export
   if a.layout == "reference":
     obj = reference_checkpoint(model, params)

@@ -15,9 +15,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import os
+import re
 import sys
+import threading
 
 DEBUG_ENV = "DEEPFLOW_DEBUG"
 EXIT_USER_ERROR = 2
@@ -46,6 +49,39 @@ def first_line(e: BaseException, limit: int = 300) -> str:
   """The first line of an exception's message (its type name if empty), for one-line errors."""
   lines = str(e).strip().splitlines()
   return lines[0][:limit] if lines else type(e).__name__
+
+
+# OSErrors that are the machine's, not the program's: a full disk, a read-only
+# mount, missing permission; reported in one line naming the file, exit 2.
+_FILE_SYSTEM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.ENOTDIR, errno.EFBIG)
+
+
+def file_system_error(e: BaseException):
+  """The OSError of a full disk / read-only mount / permission problem in ``e``'s chain, or None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _FILE_SYSTEM_ERRNOS:
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def file_system_message(e: OSError) -> str:
+  """``PATH: No space left on device (...)``; Orbax's temporary names shown as the final ones."""
+  path = re.sub(r"\.orbax-checkpoint-tmp[^/\\]*", "", str(e.filename)) if e.filename else None
+  what = e.strerror or type(e).__name__
+  return (f"{path + ': ' if path else ''}{what} (errno {errno.errorcode.get(e.errno, e.errno)}); "
+          "nothing partial was kept: free space or fix the permissions, then rerun")
+
+
+def _quiet_exit() -> None:
+  """After a failed write was reported: the writers' background threads (Orbax,
+  TensorStore) still failing at shutdown print nothing more."""
+  sys.excepthook = lambda *args: None
+  sys.unraisablehook = lambda *args: None
+  threading.excepthook = lambda *args: None
 
 
 def debug() -> bool:
@@ -83,6 +119,11 @@ def cli_main(fn):
     except Exception as e:  # pylint: disable=broad-except
       if debug():
         raise
+      fs = file_system_error(e)
+      if fs is not None:
+        print_error(file_system_message(fs))
+        _quiet_exit()
+        return EXIT_USER_ERROR
       print_error(f"internal error ({type(e).__name__}: {first_line(e)}); rerun with "
                   f"{DEBUG_ENV}=1 for the traceback")
       return 1

@@ -54,6 +54,8 @@ def _parser() -> ArgumentParser:
                  help="precision/recall distances: float16 (ADM's) or float32 (exact up to ties)")
   p.add_argument("--no_cache", action="store_true",
                  help="do not read or write the reference feature cache")
+  p.add_argument("--allow_resolution_mismatch", action="store_true",
+                 help="evaluate samples whose resolution differs from the reference images'")
   return p
 
 
@@ -75,7 +77,8 @@ def main(argv=None):
                     "reference feature cache is kept)"):
     res = suite.evaluate_files(a.samples, a.reference, a.inception,
                                preprocessing=a.preprocessing, distance=a.distance,
-                               batch_size=a.batch_size, cache=not a.no_cache, log=_log)
+                               batch_size=a.batch_size, cache=not a.no_cache, log=_log,
+                               allow_resolution_mismatch=a.allow_resolution_mismatch)
   _log(suite.format_table(res))
   if a.output and jax.process_index() == 0:
     suite.write_metrics_json(a.output, res)

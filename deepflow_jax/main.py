@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import sys
 
+from deepflow_jax import signals
+
+signals.record_early_signals()  # before the imports below (JAX: seconds)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -24,6 +29,7 @@ from deepflow_jax.errors import UserError
 from deepflow_jax.errors import cli_main
 from deepflow_jax.flags_lib import config_flags_parser
 from deepflow_jax.training import train
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",

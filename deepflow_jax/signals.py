@@ -31,6 +31,27 @@ EXIT_SIGINT = 130
 _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
+_EARLY: list[int] = []  # the first signal recorded by record_early_signals, not yet taken
+
+
+def _record(signum, frame) -> None:
+  del frame
+  if not _EARLY:
+    _EARLY.append(signum)
+
+
+def record_early_signals() -> None:
+  """Records the first SIGTERM / SIGINT from now on; the next ``StopRequests`` takes it.
+
+  Entry points call this before importing JAX (seconds): a signal during the
+  start-up is then honoured (the run stops before compiling, nothing saved)
+  instead of being lost or showing an import traceback.
+  """
+  if threading.current_thread() is threading.main_thread():
+    for s in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(s, _record)
+
+
 class StopRequests:
   """Context manager recording the first SIGTERM / SIGINT received while it is active.
 
@@ -51,6 +72,9 @@ class StopRequests:
     if threading.current_thread() is threading.main_thread():
       for s in self._signals:
         self._old[s] = signal.signal(s, self._on_signal)
+      early = _EARLY.pop(0) if _EARLY and _EARLY[0] in self._signals else None
+      if early is not None:  # arrived while the program was still starting
+        self._on_signal(early, None)
     return self
 
   def __exit__(self, *exc) -> None:

@@ -163,3 +163,154 @@ def test_changed_architecture_resume_is_refused_and_allowed_changes_resume(tmp_p
   with open(w / "metrics.jsonl") as f:
     steps = [json.loads(l)["step"] for l in f]
   assert steps == sorted(set(steps)), steps  # no duplicate rows
+
+
+def test_workdir_that_cannot_be_written_is_refused_before_compiling(tmp_path):
+  """A workdir under a regular file (works as root too) and, when not root, in a read-only
+  directory: one error line, exit 2, nothing created."""
+  plain = tmp_path / "plain"
+  plain.write_text("x")
+  r = run_main(plain / "w", "--config.train.num_steps=1")
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = _error_lines(r.stderr)
+  assert len(lines) == 1 and f"{plain} is a file, not a directory" in lines[0], lines
+  assert "compilation cache" not in r.stdout
+  if os.geteuid() != 0:  # root writes through permission bits
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+      r = run_main(ro / "w", "--config.train.num_steps=1")
+      assert r.returncode == 2 and "cannot write into" in r.stderr, r.stderr[-3000:]
+      assert os.listdir(ro) == []
+    finally:
+      ro.chmod(0o755)
+
+
+def _run_enospc(workdir, fail, *overrides):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  merged = dict(a.split("=", 1) for a in (*TINY, *overrides))
+  cmd = [sys.executable, os.path.join(HERE, "enospc_worker.py"), f"--fail={fail}",
+         f"--config={DIGITS}", f"--workdir={workdir}", *(f"{k}={v}" for k, v in merged.items())]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                        env=cpu_env(1, compile_cache=True), cwd=ROOT)
+
+
+def test_full_disk_during_a_checkpoint_save_then_resume(tmp_path):
+  """ENOSPC in checkpoint 2's background save: one line naming checkpoints/2, exit 2, no
+  temporary checkpoint left; the rerun resumes from checkpoint 1 with one metrics row a step."""
+  w = tmp_path / "w"
+  flags = ("--config.train.num_steps=4", "--config.train.ckpt_every=1")
+  r = _run_enospc(w, "ckpt:2", *flags)
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = _error_lines(r.stderr)
+  assert len(lines) == 1, lines
+  assert str(w / "checkpoints" / "2") in lines[0] and "No space left on device" in lines[0]
+  assert sorted(os.listdir(w / "checkpoints")) == ["1"]
+  r = run_main(w, *flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from" in r.stdout
+  with open(w / "metrics.jsonl") as f:
+    assert [json.loads(l)["step"] for l in f] == [1, 2, 3, 4]
+
+
+def test_full_disk_writing_metrics_is_one_line(tmp_path):
+  """ENOSPC appending to metrics.jsonl: one line naming the file, exit 2."""
+  w = tmp_path / "w"
+  r = _run_enospc(w, "metrics:2", "--config.train.num_steps=3")
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = _error_lines(r.stderr)
+  assert len(lines) == 1 and lines[0].startswith(f"error: {w / 'metrics.jsonl'}: No space"), lines
+
+
+def test_file_system_errors_of_any_entry_point_are_one_line(capsys):
+  """The shared error path: an OSError of a full disk / read-only mount anywhere in an entry
+  point (generate, preprocess, convert outputs) is one line naming the file, exit 2."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from deepflow_jax import errors  # pylint: disable=g-import-not-at-top
+
+  @errors.cli_main
+  def entry(argv):
+    try:
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/out/samples.npz.tmp-1")
+    except OSError as e:
+      raise RuntimeError("writer failed") from e
+
+  hooks = (__import__("sys").excepthook, __import__("sys").unraisablehook)
+  try:
+    assert entry(None) == 2
+  finally:
+    __import__("sys").excepthook, __import__("sys").unraisablehook = hooks
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: /out/samples.npz.tmp-1: Read-only"), err
+
+
+def test_bfloat16_and_float32_digits_losses_agree_over_the_first_steps():
+  """The tiny digits model with model.dtype=bfloat16 vs float32: same seed, same batches,
+  4 steps. Tolerance 3% relative per step: bf16 keeps 8 mantissa bits (0.4% per rounding);
+  norms, softmax, the loss, AdamW and the EMA stay float32 (docs/numerics.md), so the
+  losses (means over 16x64 values) differ by well under 1% here; a float32 island lost
+  (e.g. LayerNorm statistics in bf16) or a bf16 optimiser drifts past that within steps."""
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32),
+              "label": rng.integers(0, 10, 8).astype(np.int32)} for _ in range(4)]
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    c = tiny_config()
+    c.model.dtype = dtype
+    tr = _trainer(c, latent=False)
+    state = tr.init_state(0)
+    out = []
+    for b in batches:
+      state, m = tr.step(state, tr.global_batch(b))
+      out.append(float(m["loss"]))
+    assert all(x.dtype == np.float32 for x in _leaves((state.params, state.ema_params)))
+    losses[dtype] = np.array(out)
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.03)
+
+
+def test_evaluate_refuses_a_resolution_mismatch_unless_allowed(tmp_path):
+  """32x32 samples against an 8x8 reference: one UserError naming both sizes and the flag;
+  with allow_resolution_mismatch the check passes."""
+  from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.evaluation import suite  # pylint: disable=g-import-not-at-top
+  samples, ref, inc = tmp_path / "s.npz", tmp_path / "r.npz", tmp_path / "inception.pth"
+  np.savez(samples, arr_0=np.zeros((8, 32, 32, 3), np.uint8))
+  np.savez(ref, arr_0=np.zeros((8, 8, 8, 3), np.uint8))
+  inc.write_bytes(b"x")
+  with pytest.raises(UserError, match=r"samples are 32x32 .* holds 8x8 .*--allow_resolution"):
+    suite.check_inputs(str(samples), str(ref), str(inc))
+  assert suite.check_inputs(str(samples), str(ref), str(inc),
+                            allow_resolution_mismatch=True).shape == (8, 32, 32, 3)
+
+
+def test_data_shape_message_names_the_file_it_was_read_from():
+  """A REPA folder whose first .npy has the wrong shape: the message names that file and the
+  expected moments' shape, not only the model settings."""
+  import types  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.training import startup  # pylint: disable=g-import-not-at-top
+  info = types.SimpleNamespace(shape=(16, 16, 4), num_classes=10)
+  model = types.SimpleNamespace(input_size=32, in_channels=4, num_classes=1000)
+  with pytest.raises(UserError, match=r"read from /d/00000/img-mean-std-00000000\.npy.*"
+                                      r"\(8, 32, 32\)"):
+    startup.check_data_matches_model(info, model, "/d/00000/img-mean-std-00000000.npy")
+
+
+def test_a_signal_during_start_up_is_taken_by_the_run():
+  """record_early_signals (main calls it before importing JAX): a SIGTERM that arrives before
+  the run's StopRequests is installed is not lost; the run sees it as requested (143)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from deepflow_jax import signals  # pylint: disable=g-import-not-at-top
+  old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    signals.record_early_signals()
+    os.kill(os.getpid(), signal.SIGTERM)
+    with signals.StopRequests() as stop:
+      assert stop.requested and stop.exit_status == 143
+    with signals.StopRequests() as stop:  # taken once
+      assert not stop.requested
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)

@@ -296,7 +296,8 @@ def test_digits_main_short_run(tmp_path, monkeypatch):
                "--config.sample.num_steps=5", "--config.train.log_every=10")
   assert "step 40/40" in r.stdout and "done: 40 steps" in r.stdout
   assert "ETA" in r.stdout and "img/s" in r.stdout
-  assert "Total:" in r.stdout  # clu parameter overview
+  assert "parameters: " in r.stdout and "Total:" not in r.stdout  # one line; the table:
+  assert "Total:" in (wd / "parameter_overview.txt").read_text()
   assert sorted(os.listdir(wd / "checkpoints")) == ["20", "40"]
   events = [f for f in os.listdir(wd / "tb") if f.startswith("events.out.tfevents")]
   assert events

@@ -119,14 +119,25 @@ INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d.pth", "classify_image_graph
 FEATURE_DIM = 2048  # a covariance from fewer samples is singular
 
 
-def check_inputs(samples: str, reference: str, inception: str) -> NpzArray:
-  """Checks the three files before anything runs; returns the samples' ``arr_0``."""
+def check_inputs(samples: str, reference: str, inception: str, *,
+                 allow_resolution_mismatch: bool = False) -> NpzArray:
+  """Checks the three files before anything runs; returns the samples' ``arr_0``.
+
+  Samples of another resolution than the reference's images are refused unless
+  ``allow_resolution_mismatch`` (FID across resolutions measures the resizing).
+  """
   min_samples = metrics.PR_NEIGHBOURHOOD + 1
   images = open_image_batch(
       samples, min_images=min_samples,
       why=f"the statistics need >= 2 and precision/recall >= {min_samples} (k = "
           f"{metrics.PR_NEIGHBOURHOOD} neighbours); the paper's protocol uses 50,000")
-  check_reference(reference)
+  _, ref_images = check_reference(reference)
+  if (ref_images is not None and tuple(ref_images.shape[1:3]) != tuple(images.shape[1:3])
+      and not allow_resolution_mismatch):
+    raise UserError(f"{samples}: samples are {images.shape[1]}x{images.shape[2]} but the "
+                    f"reference {reference} holds {ref_images.shape[1]}x{ref_images.shape[2]} "
+                    "images; use a reference of the samples' resolution (or pass "
+                    "--allow_resolution_mismatch)")
   if not os.path.isfile(inception):
     raise UserError(f"{inception}: no such FID Inception weights file (expected pytorch-fid's "
                     f"{INCEPTION_FILES[0]} or {INCEPTION_FILES[1]})")
@@ -136,7 +147,8 @@ def check_inputs(samples: str, reference: str, inception: str) -> NpzArray:
 def evaluate_files(samples: str, reference: str, inception: str, *,
                    preprocessing: str = "adm", distance: str = "float16",
                    batch_size: Optional[int] = None, cache: bool = True,
-                   log: Log = print_log) -> dict[str, Any]:
+                   log: Log = print_log, allow_resolution_mismatch: bool = False
+                   ) -> dict[str, Any]:
   """The ADM suite's metrics of an ADM-format sample ``.npz`` against a reference ``.npz``.
 
   ``inception`` is pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` or the
@@ -145,7 +157,8 @@ def evaluate_files(samples: str, reference: str, inception: str, *,
   reference size), ready to be written as JSON.
   """
   log = log_fn(log)
-  images = check_inputs(samples, reference, inception)
+  images = check_inputs(samples, reference, inception,
+                        allow_resolution_mismatch=allow_resolution_mismatch)
   if preprocessing not in PREPROCESSINGS:
     raise UserError(f"preprocessing must be one of {PREPROCESSINGS}, got {preprocessing!r}")
   model, params = inception_lib.load_fid_inception(inception, preprocessing=preprocessing)

@@ -19,6 +19,13 @@ checkpoint, with a warning naming the bad one, when the newest cannot be read
 """
 from __future__ import annotations
 
+import atexit
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
 from typing import Any, Optional
 
 import jax
@@ -35,11 +42,15 @@ def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+TMP_MARK = ".orbax-checkpoint-tmp"  # in the names of Orbax's unfinished save directories
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
     storage.configure_emulator()  # tensorstore reads TENSORSTORE_GCS_HTTP_URL
     self.directory = workdir_lib.checkpoint_dir(workdir)
+    _quiet_orbax_errors()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=False,  # the directory appears with the first save, not before
@@ -49,6 +60,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=workdir_lib.ITEM_NAMES)
     self._closed = False
+    self._failed = False  # a save failed: close removes what it left
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -59,11 +71,16 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: Optional[dict], *, force: bool = False
            ) -> bool:
     """Starts saving ``state`` and the data iterator state at ``step`` (asynchronously)."""
-    return self.manager.save(
-        int(step),
-        args=ocp.args.Composite(**{workdir_lib.STATE_ITEM: ocp.args.StandardSave(state),
-                                   workdir_lib.DATA_ITEM: ocp.args.JsonSave(data_state or {})}),
-        force=force)
+    try:  # also raises the previous save's failure (a full disk)
+      return self.manager.save(
+          int(step),
+          args=ocp.args.Composite(**{workdir_lib.STATE_ITEM: ocp.args.StandardSave(state),
+                                     workdir_lib.DATA_ITEM: ocp.args.JsonSave(data_state or {})}),
+          force=force)
+    except BaseException:
+      self._failed = True
+      _drop_closed_loop_noise()
+      raise
 
   def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
     """(step, state, data_state) from the newest readable checkpoint, or None.
@@ -127,9 +144,79 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and releases the manager; safe to call twice."""
+    """Waits for pending saves and releases the manager; safe to call twice.
+
+    A save that failed (a full disk) raises its error here, once; its temporary
+    directory is removed either way, so only committed checkpoints remain.
+    """
     if self._closed:
       return
     self._closed = True
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.manager.wait_until_finished()
+      self.manager.close()
+    except BaseException:
+      self._failed = True
+      _drop_closed_loop_noise()
+      raise
+    finally:
+      if self._failed:
+        try:
+          self.manager.close()
+        except Exception:  # pylint: disable=broad-except  # the failed save's error is raised
+          pass
+        # The failed save's other writers (TensorStore threads) may still be finishing.
+        self._remove_partial(settle_s=1.0)
+        atexit.register(self._remove_partial)
+
+  def _remove_partial(self, settle_s: float = 0.0) -> None:
+    """Deletes the temporary directories of saves that did not complete (process 0), again
+    until none has reappeared for ``settle_s`` seconds (at most 20 tries)."""
+    if jax.process_index() != 0:
+      return
+    quiet_since = time.monotonic()
+    for _ in range(20):
+      names = [n for n in (os.listdir(self.directory) if os.path.isdir(self.directory) else [])
+               if TMP_MARK in n]
+      for name in names:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      if names:
+        quiet_since = time.monotonic()
+      if time.monotonic() - quiet_since >= settle_s:
+        return
+      time.sleep(0.1)
+
+
+class _OrbaxErrorFilter(logging.Filter):
+  """Drops Orbax's own error logs (with tracebacks, several per failed background save):
+  the failure is raised to the caller, which reports it in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_CLOSED_LOOP = ("Event loop is closed", "cannot schedule new futures after")
+
+
+def _drop_closed_loop_noise() -> None:
+  """After a failed save: the writers it left (TensorStore callbacks into Orbax's closed event
+  loops) print one traceback each, hundreds; those alone are dropped, nothing else."""
+  if getattr(sys.excepthook, "drops_closed_loop", False):
+    return
+  noise = lambda e: isinstance(e, RuntimeError) and str(e).startswith(_CLOSED_LOOP)
+  excepthook, unraisable, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
+
+  def hook(kind, value, tb):
+    if not noise(value):
+      excepthook(kind, value, tb)
+
+  hook.drops_closed_loop = True
+  sys.excepthook = hook
+  sys.unraisablehook = lambda a: None if noise(a.exc_value) else unraisable(a)
+  threading.excepthook = lambda a: None if noise(a.exc_value) else thread_hook(a)
+
+
+def _quiet_orbax_errors() -> None:
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxErrorFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxErrorFilter())

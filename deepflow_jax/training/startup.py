@@ -116,14 +116,32 @@ def setup_compilation_cache(config, workdir: str) -> Optional[str]:
   return path
 
 
-def check_data_matches_model(info: DatasetInfo, model) -> None:
+def check_data_matches_model(info: DatasetInfo, model, shape_from: Optional[str] = None) -> None:
+  """``shape_from``: the file the data's shape was read from (REPA: the first .npy), named."""
   want = (model.input_size, model.input_size, model.in_channels)
   if tuple(info.shape) != want:
-    raise UserError(f"the data's examples are {tuple(info.shape)} (h, w, c) but the model expects "
-                    f"{want}: set model.input_size / model.in_channels to match")
+    source = (f" (read from {shape_from}; if only that file is odd, replace it: the model "
+              f"expects ({2 * want[2]}, {want[0]}, {want[1]}) moments)" if shape_from else "")
+    raise UserError(f"the data's examples are {tuple(info.shape)} (h, w, c){source} but the "
+                    f"model expects {want}: set model.input_size / model.in_channels to match")
   if info.num_classes > model.num_classes:
     raise UserError(f"the data has {info.num_classes} classes but model.num_classes="
                     f"{model.num_classes}")
+
+
+def check_writable_dir(path: str, name: str) -> None:
+  """Refuses (``UserError``) a local directory that could not be created or written: one
+  under a regular file, on a read-only mount, or without permission. Creates nothing."""
+  if "://" in path:  # remote storage: its client reports its own errors
+    return
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserError(f"{name} {path}: {existing} is a file, not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f"{name} {path}: cannot write into {existing} (read-only file system or "
+                    "permission denied)")
 
 
 def _check_paths(config, workdir: str) -> None:
@@ -131,6 +149,7 @@ def _check_paths(config, workdir: str) -> None:
   storage.check_bucket(workdir, "--workdir")
   if not storage.is_url(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir}: exists and is not a directory")
+  check_writable_dir(workdir, "--workdir")
   t = config.train
   if t.init_from and not (is_converted_dir(t.init_from) or workdir_lib.is_workdir(t.init_from)):
     raise UserError(f"train.init_from={t.init_from!r}: not a converted checkpoint directory "
@@ -151,7 +170,8 @@ def _build(config, workdir: str, log) -> tuple[Any, Any, Any, Trainer]:
   # Built once: the REPA layout walks its folder. SSL alignment reads the raw images too.
   source = pipeline.make_source(config.data, images=model.ssl_align)
   info = source.info
-  check_data_matches_model(info, model)
+  check_data_matches_model(info, model,
+                           source.file_path(0) if hasattr(source, "file_path") else None)
   if auto_fsdp:
     config.mesh.fsdp = fit.resolve_auto_fsdp(
         config, lambda c, m: Trainer(c, model, m, latent=info.is_latent, encoder=encoder,
@@ -206,8 +226,9 @@ def _quiet_absl():
 
 def check_resumable(config, workdir: str, trainer: Trainer, ckpt: Checkpointer) -> None:
   """Refuses (``UserError``, nothing moved or written) a resume whose state shapes differ
-  from the newest checkpoint's whose metadata can be read; unreadable ones are left to the
-  restore's fallback."""
+  from the newest checkpoint's whose metadata can be read (same arrays of other shapes, or
+  other arrays with changed model/optimiser/loss keys in ``config.json``); unreadable ones
+  are left to the restore's fallback."""
   want = tree_shapes(trainer.abstract_state)
   for step in reversed(ckpt.all_steps()):
     try:
@@ -218,6 +239,8 @@ def check_resumable(config, workdir: str, trainer: Trainer, ckpt: Checkpointer) 
     if saved == want:
       return
     changes = config_changes(config, workdir)
+    if not changes and set(saved) != set(want):
+      continue  # another tree and no changed setting: a damaged file, the restore falls back
     paths = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
     what = ("; ".join(changes) if changes else
             f"state arrays {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}")
@@ -266,8 +289,8 @@ def _write_workdir(config, workdir: str, info: DatasetInfo, params, log) -> None
     log(f"parameters: {n:,} (table in {path})")
     return
   table = parameter_overview.get_parameter_overview(params, include_stats=False)
-  log(table)
   storage.write_text(path, table + "\n")
+  log(f"parameters: {n:,} in {len(jax.tree.leaves(params))} arrays (table in {path})")
 
 
 def prepare(config, workdir: str, log: Callable[[str], None], signals: StopRequests) -> Run:
@@ -326,5 +349,6 @@ def _prepare(config, workdir: str, log, signals: StopRequests,
   if is_main:
     _write_workdir(config, workdir, source.info, state.params, log)
   writer = MetricWriter(storage.join(workdir, workdir_lib.TB_DIR), enabled=is_main)
+  writer.drop_rows_after(step)  # rows a stopped run logged after its last checkpoint
   return Run(config, workdir, log, is_main, mesh, model, source.info, trainer, ckpt, data_it,
              writer, signals, state, step, last_saved, lock)

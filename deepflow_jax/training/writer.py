@@ -61,6 +61,32 @@ class MetricWriter:
       with open(os.path.join(self._staging, name), "rb") as f:
         storage.write_bytes(storage.join(self._remote, name), f.read())
 
+  def drop_rows_after(self, step: int) -> int:
+    """Removes the ``metrics.jsonl`` rows of steps after ``step`` (a resume from an earlier
+    checkpoint logs them again) and a torn last line; returns how many were dropped."""
+    if self._w is None:
+      return 0
+    if self._remote is not None:
+      lines = self._lines.splitlines(keepends=True)
+    elif os.path.exists(self._jsonl):
+      with open(self._jsonl) as f:
+        lines = f.readlines()
+    else:
+      return 0
+    keep = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if int(row.get("step", 0)) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+      if self._remote is not None:
+        self._lines = "".join(keep)
+      storage.write_text(self._jsonl, "".join(keep))  # atomic: temporary file, then rename
+    return len(lines) - len(keep)
+
   def close(self) -> None:
     if self._w is not None:
       self._w.close()
