@@ -69,3 +69,10 @@ def test_missing_bucket_is_one_line(gcs):
     storage.check_bucket("gs://no-such-bkt/run", "--workdir")
   with pytest.raises(UserError, match="only local paths and gs://"):
     storage.check_bucket("s3://x/y", "--workdir")
+
+
+def test_training_data_urls_are_refused_with_the_alternative():
+  from deepflow_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UserError, match=r"data.path=gs://b/latents: training data is read from "
+                     r"local paths only .*gcloud storage rsync"):
+    data_config.resolve({"name": "repa", "path": "gs://b/latents"})
