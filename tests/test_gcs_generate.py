@@ -113,3 +113,46 @@ def test_evaluate_reads_gs_inputs_through_local_copies(tmp_path, gcs, capsys):
                       f"--inception={gcs}/samples.npz"])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2 and "no bucket 'no-such-bkt'" in err[0] and len(err) == 1, err
+
+
+def test_storage_lost_during_generation_is_one_line_naming_the_url(tmp_path):
+  """The emulator stops after the first batch: gcsfs retries with bounded back-off (6 tries),
+  then the run ends with one line naming the object; the finished batch is kept."""
+  from gcs_emulator import Emulator  # pylint: disable=g-import-not-at-top
+  from deepflow_jax import generation  # pylint: disable=g-import-not-at-top
+  from deepflow_jax import sampling  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.models import DeepFlow  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  server = Emulator()
+  server.start()
+  old = os.environ.get("STORAGE_EMULATOR_HOST")
+  os.environ["STORAGE_EMULATOR_HOST"] = server.url
+  try:
+    out = f"gs://{server.make_bucket()}/samples"
+    model = DeepFlow(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2,
+                     num_heads=2, num_classes=10, df_idxs=(1,), projector_dim=32)
+    params = flax.linen.unbox(model.init(
+        jax.random.key(0), np.zeros((1, 8, 8, 1)), [np.ones((1,))] * 2,
+        np.zeros((1,), np.int32))["params"])
+    settings = generation.GenerationSettings(4, sampling.SamplerSettings("euler", 2), seed=0)
+    calls = []
+
+    def stop_storage():
+      calls.append(1)
+      server.stop()
+      return False
+
+    with pytest.raises(UserError) as e:
+      generation.generate_to_folder(model, params, out, settings, per_device_batch=2,
+                                    should_stop=stop_storage)
+    msg = str(e.value)
+    assert msg.startswith(f"{out}/") and "cannot" in msg and "\n" not in msg, msg
+    assert calls == [1]
+  finally:
+    server.close()
+    if old is None:
+      os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+      os.environ["STORAGE_EMULATOR_HOST"] = old
