@@ -115,9 +115,21 @@ def test_evaluate_reads_gs_inputs_through_local_copies(tmp_path, gcs, capsys):
   assert rc == 2 and "no bucket 'no-such-bkt'" in err[0] and len(err) == 1, err
 
 
-def test_storage_lost_during_generation_is_one_line_naming_the_url(tmp_path):
+def test_storage_lost_during_generation_is_one_line_naming_the_url(tmp_path, monkeypatch):
   """The emulator stops after the first batch: gcsfs retries with bounded back-off (6 tries),
-  then the run ends with one line naming the object; the finished batch is kept."""
+  then the run ends with one line naming the object; the finished batch is kept. The
+  back-off's sleeps (about 30 s per request) are skipped here: the retries still happen."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  import gcsfs.retry  # pylint: disable=g-import-not-at-top
+
+  async def no_wait(_):
+    await asyncio.sleep(0)
+
+  shim = types.SimpleNamespace(**{k: getattr(asyncio, k) for k in dir(asyncio)
+                                  if not k.startswith("_")})
+  shim.sleep = no_wait
+  monkeypatch.setattr(gcsfs.retry, "asyncio", shim)
   from gcs_emulator import Emulator  # pylint: disable=g-import-not-at-top
   from deepflow_jax import generation  # pylint: disable=g-import-not-at-top
   from deepflow_jax import sampling  # pylint: disable=g-import-not-at-top
