@@ -26,12 +26,14 @@ Exit status 0 on success, 2 on bad input (one ``error:`` line naming the file),
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 import jax
 
 from deepflow_jax import outputs
+from deepflow_jax import storage
 from deepflow_jax.errors import ArgumentParser, UserError, cli_main
 from deepflow_jax.evaluation import metrics
 from deepflow_jax.evaluation import suite
@@ -70,12 +72,24 @@ def main(argv=None):
   outputs.check_file_path(a.output, "--output")
   if a.batch_size is not None and a.batch_size < 1:
     raise UserError(f"--batch_size must be >= 1, got {a.batch_size}")
-  if not os.path.isfile(a.inception):
+  if not storage.is_url(a.inception) and not os.path.isfile(a.inception):
     raise UserError(f"--inception={a.inception}: no such file (expected pytorch-fid's "
                     f"{suite.INCEPTION_FILES[0]} or the TF graph {suite.INCEPTION_FILES[1]})")
-  with StopRequests(raise_now=True, what="evaluation stopped, no metrics written (a finished "
-                    "reference feature cache is kept)"):
-    res = suite.evaluate_files(a.samples, a.reference, a.inception,
+  for flag, path in (("--samples", a.samples), ("--reference", a.reference),
+                     ("--inception", a.inception), ("--output", a.output)):
+    if path and storage.is_url(path):
+      storage.check_bucket(path, flag)
+  if storage.is_url(a.reference) and not a.no_cache:
+    _log(f"[evaluate] --reference={a.reference} is a URL: it is read from a downloaded copy and "
+         "its feature cache is not kept (use a local copy to keep it)")
+  # gs:// inputs are downloaded to a temporary folder first (the readers need files).
+  with contextlib.ExitStack() as files, StopRequests(
+      raise_now=True, what="evaluation stopped, no metrics written (a finished reference "
+      "feature cache is kept)"):
+    samples = files.enter_context(storage.local_copy(a.samples, "--samples"))
+    ref = files.enter_context(storage.local_copy(a.reference, "--reference"))
+    inception = files.enter_context(storage.local_copy(a.inception, "--inception"))
+    res = suite.evaluate_files(samples, ref, inception,
                                preprocessing=a.preprocessing, distance=a.distance,
                                batch_size=a.batch_size, cache=not a.no_cache, log=_log,
                                allow_resolution_mismatch=a.allow_resolution_mismatch)

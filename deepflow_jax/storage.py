@@ -218,6 +218,31 @@ def open_file(path: str, mode: str = "rb"):
   yield io.StringIO(data.decode("utf-8")) if "b" not in mode else io.BytesIO(data)
 
 
+@contextlib.contextmanager
+def local_copy(path: str, what: str) -> Iterator[str]:
+  """A local path for ``path``: itself, or for a URL a downloaded copy in a temporary folder
+  (removed afterwards) for readers that need a file (zip members, memory maps, torch).
+
+  A missing URL is a one-line UserError (``what``: the flag, for the message), and
+  UserErrors raised inside name the URL instead of the copy.
+  """
+  if not is_url(path):
+    yield path
+    return
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory(prefix="deepflow-download-") as d:
+    local = os.path.join(d, basename(path))
+    with _errors(path, "read"):
+      try:
+        _fs().get_file(_key(path), local)
+      except FileNotFoundError as e:
+        raise UserError(f"{what}={path}: no such file") from e
+    try:
+      yield local
+    except UserError as e:
+      raise type(e)(str(e).replace(local, path)) from e
+
+
 def tmp_name(path: str) -> str:
   """``<path>.tmp-<pid>``: this process's temporary name for a local ``path``."""
   return f"{path}.tmp-{os.getpid()}"

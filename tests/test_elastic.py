@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from conftest import cpu_env
+from deepflow_jax import storage
 from test_train import DIGITS
 from test_train import ROOT
 from test_train import TINY
@@ -59,25 +60,28 @@ def _two_processes(workdir, *overrides):
   return outs[0][0]
 
 
-def test_two_processes_to_one_and_back_keep_the_data_order(tmp_path):
+def test_two_processes_to_one_and_back_keep_the_data_order(tmp_path, gcs):
   """2 processes x 2 devices for 2 steps, then 1 process x 4 devices to step 4, then 2
-  processes again to 6: the losses and the final state are those of one uninterrupted
-  1 x 4 run (same global batches in the same order). Tolerance: the multi-process gradient
-  all-reduce sums in another order (1e-5, as test_two_processes_match_one_process)."""
+  processes again to 6, all in one gs:// workdir: the losses and the final state are those
+  of one uninterrupted local 1 x 4 run (same global batches in the same order). Tolerance:
+  the multi-process gradient all-reduce sums in another order (1e-5, as
+  test_two_processes_match_one_process)."""
   # A constant learning rate: the cosine schedule depends on num_steps, which the segments change.
   steps = lambda n: [f"--config.train.num_steps={n}", "--config.train.ckpt_every=2",
                      "--config.optim.schedule=constant"]
   straight = tmp_path / "straight"
   run_main(straight, *steps(6), devices=4)
-  wd = tmp_path / "elastic"
+  wd = f"{gcs}/elastic"
   assert "processes: 2" in _two_processes(wd, *steps(2))
   r = run_main(wd, *steps(4), devices=4)
-  assert "processes: 1" in r.stdout and f"resumed from {wd / 'checkpoints'}/2" in r.stdout
+  assert "processes: 1" in r.stdout and f"resumed from {wd}/checkpoints/2" in r.stdout
   out = _two_processes(wd, *steps(6))
-  assert f"resumed from {wd / 'checkpoints'}/4" in out
+  assert f"resumed from {wd}/checkpoints/4" in out
   a = {m["step"]: m["loss"] for m in metrics(straight)}
-  b = {m["step"]: m["loss"] for m in metrics(wd)}
+  b = {m["step"]: m["loss"] for m in map(json.loads, storage.read_text(
+      f"{wd}/metrics.jsonl").splitlines())}
   assert sorted(b) == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-5)
   from conftest import restore_state  # pylint: disable=g-import-not-at-top
+  storage.configure_emulator()
   assert_trees_equal_close(restore_state(straight, 6), restore_state(wd, 6), atol=1e-5)

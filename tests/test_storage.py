@@ -69,3 +69,37 @@ def test_missing_bucket_is_one_line(gcs):
     storage.check_bucket("gs://no-such-bkt/run", "--workdir")
   with pytest.raises(UserError, match="only local paths and gs://"):
     storage.check_bucket("s3://x/y", "--workdir")
+
+
+def test_training_data_urls_are_refused_with_the_alternative():
+  from deepflow_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UserError, match=r"data.path=gs://b/latents: training data is read from "
+                     r"local paths only .*gcloud storage rsync"):
+    data_config.resolve({"name": "repa", "path": "gs://b/latents"})
+
+
+def test_an_uncommitted_gs_checkpoint_is_never_taken(gcs):
+  """Orbax on gs:// commits a step by writing commit_success.txt last: a step folder without
+  it (a save cut short by a kill or a storage fault) is neither listed nor restored."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from deepflow_jax import workdir  # pylint: disable=g-import-not-at-top
+  from deepflow_jax.training.checkpoints import Checkpointer  # pylint: disable=g-import-not-at-top
+  wd = f"{gcs}/run"
+  state = {"w": np.arange(4.0, dtype=np.float32)}
+  ckpt = Checkpointer(wd, async_save=False)
+  ckpt.save(1, state, {"global_index": 8})
+  ckpt.close()
+  ckpt_dir = workdir.checkpoint_dir(wd)
+  assert storage.exists(f"{ckpt_dir}/1/{workdir.COMMIT_FILE}")
+  storage.copy_tree(f"{ckpt_dir}/1", f"{ckpt_dir}/2")  # step 2: every file but the commit
+  storage.remove(f"{ckpt_dir}/2/{workdir.COMMIT_FILE}")
+  assert workdir.checkpoint_steps(ckpt_dir) == [1]
+  ckpt = Checkpointer(wd)
+  assert ckpt.all_steps() == [1]
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  step, restored, data = ckpt.restore_latest(
+      {"w": jax.ShapeDtypeStruct((4,), np.float32, sharding=dev)})
+  ckpt.close()
+  assert step == 1 and data == {"global_index": 8}
+  np.testing.assert_array_equal(restored["w"], state["w"])

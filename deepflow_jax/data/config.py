@@ -76,6 +76,11 @@ def resolve(data_config) -> dict[str, Any]:
     raise UserError(f"data.name={cfg['name']!r} is not one of {', '.join(SOURCES)}")
   if cfg["name"] != DIGITS and not cfg["path"]:
     raise UserError(f"data.path is required for data.name={cfg['name']!r}")
+  if "://" in str(cfg["path"]):
+    raise UserError(f"data.path={cfg['path']}: training data is read from local paths only "
+                    "(REPA folders are many small files and ArrayRecord readers need a local "
+                    "file); copy it to every host first (gcloud storage rsync -r URL DIR) or "
+                    "mount the bucket (gcsfuse); see docs/launch.md")
   return cfg
 
 

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from deepflow_jax import outputs
+from deepflow_jax import storage
 from deepflow_jax.errors import UserError
 from deepflow_jax.evaluation import metrics
 from deepflow_jax.evaluation.features import DEFAULT_PER_DEVICE_BATCH
@@ -206,5 +207,6 @@ def write_metrics_json(path: str, res: dict) -> None:
     if isinstance(v, float) and not np.isfinite(v):
       return None
     return {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else v
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  path = storage.absolute(path)
+  storage.makedirs(storage.dirname(path))
   outputs.atomic_write_json(path, clean(res))

@@ -20,6 +20,7 @@ checkpoint, with a warning naming the bad one, when the newest cannot be read
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import shutil
@@ -34,6 +35,8 @@ from jax.experimental import multihost_utils
 
 from deepflow_jax import storage
 from deepflow_jax import workdir as workdir_lib
+from deepflow_jax.errors import UserError
+from deepflow_jax.errors import first_line
 
 
 def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -72,15 +75,31 @@ class Checkpointer:
            ) -> bool:
     """Starts saving ``state`` and the data iterator state at ``step`` (asynchronously)."""
     try:  # also raises the previous save's failure (a full disk)
-      return self.manager.save(
-          int(step),
-          args=ocp.args.Composite(**{workdir_lib.STATE_ITEM: ocp.args.StandardSave(state),
-                                     workdir_lib.DATA_ITEM: ocp.args.JsonSave(data_state or {})}),
-          force=force)
+      with self._storage_errors(f"save checkpoint {step}"):
+        return self.manager.save(
+            int(step),
+            args=ocp.args.Composite(**{
+                workdir_lib.STATE_ITEM: ocp.args.StandardSave(state),
+                workdir_lib.DATA_ITEM: ocp.args.JsonSave(data_state or {})}),
+            force=force)
     except BaseException:
       self._failed = True
       _drop_closed_loop_noise()
       raise
+
+  @contextlib.contextmanager
+  def _storage_errors(self, what: str):
+    """On gs://, a save that failed after tensorstore's / gcsfs's retries (or Orbax's timeout)
+    becomes one line naming the checkpoint folder; the step stays uncommitted (no commit
+    file), so the next run resumes from the last committed one."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore, aiohttp, Orbax
+      if not storage.is_url(self.directory) or isinstance(e, UserError):
+        raise
+      raise storage.StorageError(
+          f"{self.directory}: cannot {what} ({type(e).__name__}: {first_line(e)}); the last "
+          "committed checkpoint is kept, rerun to resume from it") from e
 
   def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
     """(step, state, data_state) from the newest readable checkpoint, or None.
@@ -141,7 +160,8 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._storage_errors("finish saving"):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager; safe to call twice.
@@ -153,7 +173,8 @@ class Checkpointer:
       return
     self._closed = True
     try:
-      self.manager.wait_until_finished()
+      with self._storage_errors("finish saving"):
+        self.manager.wait_until_finished()
       self.manager.close()
     except BaseException:
       self._failed = True
