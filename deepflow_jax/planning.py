@@ -73,6 +73,11 @@ class Topology:
     return self.chip.hbm_bytes // self.devices_per_chip
 
 
+def with_hbm(topo: Topology, hbm_bytes: int) -> Topology:
+  """The topology with another HBM per chip (headroom for the runtime, or a test's tiny chip)."""
+  return dataclasses.replace(topo, chip=dataclasses.replace(topo.chip, hbm_bytes=int(hbm_bytes)))
+
+
 def libtpu_installed() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
@@ -315,16 +320,19 @@ def plan(config, topo: Topology, per_chip_batch: Optional[int] = None, *,
 
 
 def find_max_batch(config, topo: Topology, *, probes: tuple[int, int] = (0, 0),
-                   log: Callable[[str], None] = print, **plan_kw) -> tuple[dict, list[dict]]:
+                   multiple: int = 1, log: Callable[[str], None] = print,
+                   **plan_kw) -> tuple[dict, list[dict]]:
   """The largest per-chip batch whose train step fits, by compiling: (its plan, every plan).
 
-  Two probe batches (default: 1 and 2 units) give a linear fit bytes = fixed +
-  per_example x batch; its estimate seeds a bisection over multiples of
-  ``batch_unit`` between the largest batch known to fit and the smallest known
-  not to. Returns the plan of the batch found (``fits`` False when even one unit
-  does not fit) and every plan compiled, in order.
+  Batches are multiples of ``unit = lcm(batch_unit, multiple)``. Two probe
+  batches (default: 1 and 2 units) give a linear fit bytes = fixed + per_example
+  x batch; its estimate and the unit above it are compiled next (when the fit
+  holds, that settles it: four compiles), then a bisection between the largest
+  batch known to fit and the smallest known not to. Returns the plan of the
+  batch found (``fits`` False when even one unit does not fit) and every plan
+  compiled, in order.
   """
-  unit = batch_unit(config, topo)
+  unit = int(np.lcm(batch_unit(config, topo), max(int(multiple), 1)))
   plan_kw = dict(plan_kw, sample_batch=0)  # the train step decides
   tried: dict[int, dict] = {}
   runs: list[dict] = []
@@ -364,8 +372,8 @@ def find_max_batch(config, topo: Topology, *, probes: tuple[int, int] = (0, 0),
           lo = up
       else:
         hi = guess
-    while hi is None:  # grow until something does not fit
-      b = 2 * lo
+    while hi is None:  # the fit was low: grow by a quarter until something does not fit
+      b = lo + max(unit, lo // 4 // unit * unit)
       if at(b)["fits"]:
         lo = b
       else:

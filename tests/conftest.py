@@ -5,6 +5,10 @@ import sys
 import numpy as np
 import pytest
 
+# The suite runs on CPU. With libtpu installed (the tpu extra, for tests/test_plan.py) JAX
+# would otherwise probe for a TPU in this process too (~1 s, and libtpu's lock file).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TINY2T_PT = os.path.join(DATA, "tiny2t.pt")
