@@ -138,12 +138,16 @@ def _plan(argv) -> int:
     result = dict(best)
     if best["fits"]:
       twice = planning.plan(config, topo, 2 * best["per_chip_batch"], init=False, **kw)
-      result["twice"] = {k: twice[k] for k in ("per_chip_batch", "fits", "bytes_per_chip")}
-      log(f"twice that, {twice['per_chip_batch']}: {_gib(twice['bytes_per_chip'])} -> "
+      result["twice"] = {k: twice[k] for k in ("per_chip_batch", "fits", "bytes_per_chip",
+                                               "compile_s") if k in twice}
+      result["twice"]["compile_error"] = twice.get("compile_error", "")
+      need = "XLA: out of memory" if "compile_error" in twice else _gib(twice["bytes_per_chip"])
+      log(f"twice that, {twice['per_chip_batch']}: {need} -> "
           f"{'fits' if twice['fits'] else 'does not fit'}")
     result["max_per_chip_batch"] = best["per_chip_batch"] if best["fits"] else 0
     result["probes"] = [{k: r[k] for k in ("per_chip_batch", "fits", "bytes_per_chip",
-                                           "compile_s")} for r in runs]
+                                           "compile_s", "compile_error") if k in r}
+                        for r in runs]
   else:
     result = planning.plan(config, topo, FLAGS.per_chip_batch, **kw)
   _print_report(result)

@@ -342,9 +342,10 @@ def find_max_batch(config, topo: Topology, *, probes: tuple[int, int] = (0, 0),
       tried[b] = plan(config, topo, b, init=False, **plan_kw)
       runs.append(tried[b])
       r = tried[b]
-      log(f"per-chip batch {b}: {r['bytes_per_chip'] / 2**30:.2f} GiB of "
-          f"{r['hbm_bytes_per_chip'] / 2**30:.2f} GiB -> {'fits' if r['fits'] else 'does not fit'}"
-          f" (compile {r['compile_s']:.0f} s)")
+      need = ("XLA: out of memory" if "compile_error" in r
+              else f"{r['bytes_per_chip'] / 2**30:.2f} GiB")
+      log(f"per-chip batch {b}: {need} of {r['hbm_bytes_per_chip'] / 2**30:.2f} GiB -> "
+          f"{'fits' if r['fits'] else 'does not fit'} (compile {r['compile_s']:.0f} s)")
     return tried[b]
 
   b1 = probes[0] or unit
