@@ -125,3 +125,18 @@ def test_missing_libtpu_is_one_line_and_exit_2():
   assert r.returncode == 2, r.stderr[-2000:]
   errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "libtpu is not installed" in errors[0], r.stderr
+
+
+def test_auto_fsdp_is_the_smallest_that_fits(tiny_config):
+  from deepflow_jax.training import fit  # pylint: disable=g-import-not-at-top
+  tried = []
+
+  def fits(c):
+    tried.append(int(c.mesh.fsdp))
+    return int(c.mesh.fsdp) >= 3
+
+  assert fit.smallest_fitting_fsdp(tiny_config, 12, fits, log=lambda _: None) == 3
+  assert tried == [1, 2, 3]
+  # main on CPU: no device memory to fit, fsdp 1 (nothing compiled).
+  assert fit.resolve_auto_fsdp(tiny_config, None, log=lambda _: None) == 1
+  config_lib.validate(config_lib.with_mesh_fsdp(tiny_config, 0))  # 0 (auto) is a valid value
