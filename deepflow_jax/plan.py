@@ -90,7 +90,7 @@ def _print_report(r: dict) -> None:
           f"{'fits' if r['init_fits'] else 'DOES NOT FIT'} (compile {r['init_compile_s']:.1f} s)")
   if "sample" in r:
     s = r["sample"]
-    extra = (f", >= {1e3 * s['time_lower_bound_s']:.0f} ms per batch"
+    extra = (f", >= {1e3 * s['time_lower_bound_s']:.0f} ms per batch (analytic FLOPs)"
              if "time_lower_bound_s" in s else "")
     print(f"sampling ({s['sampler']}) at per-chip batch {s['per_chip_batch']}: "
           f"{_gib(s['bytes_per_chip'])} per chip, {'fits' if s['fits'] else 'DOES NOT FIT'}"

@@ -312,9 +312,13 @@ def plan(config, topo: Topology, per_chip_batch: Optional[int] = None, *,
          "compile_s": round(c.compile_s, 2), "bytes_per_chip": c.bytes * dpc,
          "fits": (not c.oom) and c.bytes * dpc <= hbm}
     if not c.oom:
-      s.update(flops_per_chip=c.flops * dpc,
-               time_lower_bound_s=max(c.flops * dpc / topo.chip.peak_bf16_flops,
-                                      c.bytes_accessed * dpc / topo.chip.hbm_bytes_per_s))
+      # XLA's cost analysis counts a loop's body once, not per step: the sampler's time
+      # bound is analytic, network evaluations x forward FLOPs, guided steps doubled.
+      nfe = sampling.num_evaluations(settings.sampler, int(settings.num_steps))
+      guided = 2 if float(settings.cfg_scale) > 1 else 1
+      flops = nfe * guided * sample_batch * meter.forward_flops_per_example(model)
+      s.update(xla_flops_per_chip_one_iteration=c.flops * dpc, analytic_flops_per_chip=flops,
+               time_lower_bound_s=flops / topo.chip.peak_bf16_flops)
     out["sample"] = s
   return out
 

@@ -63,7 +63,7 @@ def test_single_host_plan_fits_and_counts_the_state(single_host):
   # that (2x is generous for a 32-wide model whose norms and softmax weigh more).
   assert 1.0 <= r["xla_over_analytic"] < 2.0
   assert r["step_time_lower_bound_s"] > 0 and r["images_per_s_at_mfu"] > 0
-  assert r["sample"]["fits"] and r["sample"]["flops_per_chip"] > 0
+  assert r["sample"]["fits"] and r["sample"]["analytic_flops_per_chip"] > 0
 
 
 def test_fits_flips_with_the_batch(single_host, tiny_config):
