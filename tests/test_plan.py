@@ -140,3 +140,10 @@ def test_auto_fsdp_is_the_smallest_that_fits(tiny_config):
   # main on CPU: no device memory to fit, fsdp 1 (nothing compiled).
   assert fit.resolve_auto_fsdp(tiny_config, None, log=lambda _: None) == 1
   config_lib.validate(config_lib.with_mesh_fsdp(tiny_config, 0))  # 0 (auto) is a valid value
+
+
+def test_two_slices_data_spans_them(tiny_config):
+  topo = planning.tpu_topology("v5e:2x2", num_slices=2)
+  r = planning.plan(tiny_config, topo, 2, init=False)
+  assert (r["chips"], r["num_slices"], r["mesh"]) == (8, 2, {"data": 8, "fsdp": 1})
+  assert r["fits"] and r["state_bytes_per_chip"] == STATE_BYTES_PER_PARAM * r["params"] + STATE_EXTRA
