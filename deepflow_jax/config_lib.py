@@ -352,12 +352,10 @@ def _alignment_problems(config, idxs: list[int], files: bool = True) -> list[str
   if config.data.name == "digits":
     out.append("model.ssl_align=True needs latent data with raw images (data.name 'repa' or "
                "'arrayrecord'), not 'digits'")
-  if not files:
-    pass
-  elif not m.encoder_path:
+  if files and not m.encoder_path:
     out.append("model.ssl_align=True needs model.encoder_path: the DINOv2 weights file (e.g. "
                "dinov2_vitb14_pretrain.pth)")
-  elif not os.path.isfile(m.encoder_path):
+  elif files and not os.path.isfile(m.encoder_path):
     out.append(f"model.encoder_path={m.encoder_path!r}: no such file")
   if m.encoder_num_heads < 0:
     out.append(f"model.encoder_num_heads={m.encoder_num_heads} must be >= 0 (0: by width)")

@@ -2,7 +2,7 @@
 
     python -m deepflow_jax.plan --config=configs/xl3t.py --topology=v5e:2x4 \\
         [--config.model.remat=block ...] [--per_chip_batch=N | --find_max_batch] \\
-        [--num_slices=N] [--sample_batch=16] [--mfu=0.4] [--json]
+        [--num_slices=N] [--sample_batch=16] [--mfu=0.4] [--hbm_gib=G] [--json]
 
 Compiles, for the named topology (``v5e:2x4`` is a v5litepod-8, ``v4:2x2x1`` a
 v4-8, ``v5p:2x2x1`` a v5p-8, ``v6e:2x4`` a v6e-8, ``v5e:1x1`` one chip), the
@@ -50,10 +50,14 @@ flags.DEFINE_string("topology", None, "Cloud TPU topology, e.g. v5e:2x4, v4:2x2x
 flags.DEFINE_integer("per_chip_batch", None,
                      "Training examples per chip (default: train.global_batch_size / chips).")
 flags.DEFINE_bool("find_max_batch", False, "Find the largest per-chip batch that fits.")
+flags.DEFINE_integer("batch_multiple", 8,
+                     "--find_max_batch: per-chip batches tried are multiples of this.")
 flags.DEFINE_integer("num_slices", 1, "Slices of the topology (multi-slice; data spans them).")
 flags.DEFINE_integer("sample_batch", 16,
                      "Per-chip batch of generate's sampling step to compile (0: skip).")
 flags.DEFINE_float("mfu", planning.DEFAULT_MFU, "MFU at which images/s are stated.")
+flags.DEFINE_float("hbm_gib", None,
+                   "HBM per chip to fit into (default: the chip's, deepflow_jax/hardware.py).")
 flags.DEFINE_bool("json", False, "End with one JSON line holding every number.")
 
 
@@ -86,7 +90,7 @@ def _print_report(r: dict) -> None:
           f"{'fits' if r['init_fits'] else 'DOES NOT FIT'} (compile {r['init_compile_s']:.1f} s)")
   if "sample" in r:
     s = r["sample"]
-    extra = (f", >= {1e3 * s['time_lower_bound_s']:.0f} ms per batch"
+    extra = (f", >= {1e3 * s['time_lower_bound_s']:.0f} ms per batch (analytic FLOPs)"
              if "time_lower_bound_s" in s else "")
     print(f"sampling ({s['sampler']}) at per-chip batch {s['per_chip_batch']}: "
           f"{_gib(s['bytes_per_chip'])} per chip, {'fits' if s['fits'] else 'DOES NOT FIT'}"
@@ -115,6 +119,10 @@ def _plan(argv) -> int:
     config = config_lib.with_mesh_fsdp(config, 1)
   config_lib.validate(config, files=False)
   topo = planning.tpu_topology(FLAGS.topology, FLAGS.num_slices)
+  if FLAGS.hbm_gib is not None:
+    if not FLAGS.hbm_gib > 0:
+      raise UserError(f"--hbm_gib={FLAGS.hbm_gib}: must be > 0")
+    topo = planning.with_hbm(topo, FLAGS.hbm_gib * 2**30)
   kw = dict(sample_batch=FLAGS.sample_batch, mfu=FLAGS.mfu)
   log = lambda m: print(m, flush=True)  # pylint: disable=unnecessary-lambda-assignment
   if auto_fsdp:
@@ -123,16 +131,23 @@ def _plan(argv) -> int:
         lambda c: planning.plan(c, topo, FLAGS.per_chip_batch, init=False)["fits"], log=log)
     config = config_lib.with_mesh_fsdp(config, fsdp)
   if FLAGS.find_max_batch:
-    best, runs = planning.find_max_batch(config, topo, log=log, **kw)
+    if FLAGS.batch_multiple < 1:
+      raise UserError(f"--batch_multiple={FLAGS.batch_multiple}: must be >= 1")
+    best, runs = planning.find_max_batch(config, topo, multiple=FLAGS.batch_multiple, log=log,
+                                         **kw)
     result = dict(best)
     if best["fits"]:
       twice = planning.plan(config, topo, 2 * best["per_chip_batch"], init=False, **kw)
-      result["twice"] = {k: twice[k] for k in ("per_chip_batch", "fits", "bytes_per_chip")}
-      log(f"twice that, {twice['per_chip_batch']}: {_gib(twice['bytes_per_chip'])} -> "
+      result["twice"] = {k: twice[k] for k in ("per_chip_batch", "fits", "bytes_per_chip",
+                                               "compile_s") if k in twice}
+      result["twice"]["compile_error"] = twice.get("compile_error", "")
+      need = "XLA: out of memory" if "compile_error" in twice else _gib(twice["bytes_per_chip"])
+      log(f"twice that, {twice['per_chip_batch']}: {need} -> "
           f"{'fits' if twice['fits'] else 'does not fit'}")
     result["max_per_chip_batch"] = best["per_chip_batch"] if best["fits"] else 0
     result["probes"] = [{k: r[k] for k in ("per_chip_batch", "fits", "bytes_per_chip",
-                                           "compile_s")} for r in runs]
+                                           "compile_s", "compile_error") if k in r}
+                        for r in runs]
   else:
     result = planning.plan(config, topo, FLAGS.per_chip_batch, **kw)
   _print_report(result)

@@ -73,6 +73,11 @@ class Topology:
     return self.chip.hbm_bytes // self.devices_per_chip
 
 
+def with_hbm(topo: Topology, hbm_bytes: int) -> Topology:
+  """The topology with another HBM per chip (headroom for the runtime, or a test's tiny chip)."""
+  return dataclasses.replace(topo, chip=dataclasses.replace(topo.chip, hbm_bytes=int(hbm_bytes)))
+
+
 def libtpu_installed() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
@@ -307,24 +312,31 @@ def plan(config, topo: Topology, per_chip_batch: Optional[int] = None, *,
          "compile_s": round(c.compile_s, 2), "bytes_per_chip": c.bytes * dpc,
          "fits": (not c.oom) and c.bytes * dpc <= hbm}
     if not c.oom:
-      s.update(flops_per_chip=c.flops * dpc,
-               time_lower_bound_s=max(c.flops * dpc / topo.chip.peak_bf16_flops,
-                                      c.bytes_accessed * dpc / topo.chip.hbm_bytes_per_s))
+      # XLA's cost analysis counts a loop's body once, not per step: the sampler's time
+      # bound is analytic, network evaluations x forward FLOPs, guided steps doubled.
+      nfe = sampling.num_evaluations(settings.sampler, int(settings.num_steps))
+      guided = 2 if float(settings.cfg_scale) > 1 else 1
+      flops = nfe * guided * sample_batch * meter.forward_flops_per_example(model)
+      s.update(xla_flops_per_chip_one_iteration=c.flops * dpc, analytic_flops_per_chip=flops,
+               time_lower_bound_s=flops / topo.chip.peak_bf16_flops)
     out["sample"] = s
   return out
 
 
 def find_max_batch(config, topo: Topology, *, probes: tuple[int, int] = (0, 0),
-                   log: Callable[[str], None] = print, **plan_kw) -> tuple[dict, list[dict]]:
+                   multiple: int = 1, log: Callable[[str], None] = print,
+                   **plan_kw) -> tuple[dict, list[dict]]:
   """The largest per-chip batch whose train step fits, by compiling: (its plan, every plan).
 
-  Two probe batches (default: 1 and 2 units) give a linear fit bytes = fixed +
-  per_example x batch; its estimate seeds a bisection over multiples of
-  ``batch_unit`` between the largest batch known to fit and the smallest known
-  not to. Returns the plan of the batch found (``fits`` False when even one unit
-  does not fit) and every plan compiled, in order.
+  Batches are multiples of ``unit = lcm(batch_unit, multiple)``. Two probe
+  batches (default: 1 and 2 units) give a linear fit bytes = fixed + per_example
+  x batch; its estimate and the unit above it are compiled next (when the fit
+  holds, that settles it: four compiles), then a bisection between the largest
+  batch known to fit and the smallest known not to. Returns the plan of the
+  batch found (``fits`` False when even one unit does not fit) and every plan
+  compiled, in order.
   """
-  unit = batch_unit(config, topo)
+  unit = int(np.lcm(batch_unit(config, topo), max(int(multiple), 1)))
   plan_kw = dict(plan_kw, sample_batch=0)  # the train step decides
   tried: dict[int, dict] = {}
   runs: list[dict] = []
@@ -334,9 +346,10 @@ def find_max_batch(config, topo: Topology, *, probes: tuple[int, int] = (0, 0),
       tried[b] = plan(config, topo, b, init=False, **plan_kw)
       runs.append(tried[b])
       r = tried[b]
-      log(f"per-chip batch {b}: {r['bytes_per_chip'] / 2**30:.2f} GiB of "
-          f"{r['hbm_bytes_per_chip'] / 2**30:.2f} GiB -> {'fits' if r['fits'] else 'does not fit'}"
-          f" (compile {r['compile_s']:.0f} s)")
+      need = ("XLA: out of memory" if "compile_error" in r
+              else f"{r['bytes_per_chip'] / 2**30:.2f} GiB")
+      log(f"per-chip batch {b}: {need} of {r['hbm_bytes_per_chip'] / 2**30:.2f} GiB -> "
+          f"{'fits' if r['fits'] else 'does not fit'} (compile {r['compile_s']:.0f} s)")
     return tried[b]
 
   b1 = probes[0] or unit
@@ -364,8 +377,8 @@ def find_max_batch(config, topo: Topology, *, probes: tuple[int, int] = (0, 0),
           lo = up
       else:
         hi = guess
-    while hi is None:  # grow until something does not fit
-      b = 2 * lo
+    while hi is None:  # the fit was low: grow by a quarter until something does not fit
+      b = lo + max(unit, lo // 4 // unit * unit)
       if at(b)["fits"]:
         lo = b
       else:

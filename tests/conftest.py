@@ -5,7 +5,11 @@ import sys
 import numpy as np
 import pytest
 
-from gcs_emulator import gcs, gcs_server  # pylint: disable=unused-import  # the gs:// fixtures
+# The suite runs on CPU. With libtpu installed (the tpu extra, for tests/test_plan.py) JAX
+# would otherwise probe for a TPU in this process too (~1 s, and libtpu's lock file).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from gcs_emulator import gcs, gcs_server  # noqa: E402,F401  # pylint: disable=unused-import,wrong-import-position  # the gs:// fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(__file__), "data")
