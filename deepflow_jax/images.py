@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Sequence
 
 import jax

@@ -9,7 +9,7 @@ import pytest
 # would otherwise probe for a TPU in this process too (~1 s, and libtpu's lock file).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from gcs_emulator import gcs, gcs_server  # noqa: E402,F401  # pylint: disable=unused-import,wrong-import-position  # the gs:// fixtures
+from gcs_emulator import gcs, gcs_env, gcs_server  # noqa: E402,F401  # pylint: disable=unused-import,wrong-import-position  # the gs:// fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(__file__), "data")

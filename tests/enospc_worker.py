@@ -15,6 +15,7 @@ import sys
 from absl import app
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
+from deepflow_jax import flags_lib
 from deepflow_jax import main as main_cli
 from deepflow_jax.training import writer
 
@@ -49,4 +50,4 @@ if __name__ == "__main__":
   sys.argv.remove(fail)
   kind, at = fail.split("=", 1)[1].split(":")
   _patch(kind, int(at))
-  app.run(main_cli.main, flags_parser=main_cli.parse_flags)
+  app.run(main_cli.main, flags_parser=flags_lib.config_flags_parser("deepflow_jax.main"))

@@ -81,9 +81,28 @@ def gcs_server():
   server.close()
 
 
+_ENV_KEYS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
+
+
 @pytest.fixture
-def gcs(gcs_server, monkeypatch):
+def gcs_env(gcs_server):
+  """``STORAGE_EMULATOR_HOST`` (only) set in this process for one test; afterwards the three
+  variables storage.configure_emulator may set are exactly as before, so nothing leaks into
+  the next test of this worker."""
+  saved = {k: os.environ.get(k) for k in _ENV_KEYS}
+  os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)
+  os.environ["STORAGE_EMULATOR_HOST"] = gcs_server.url
+  try:
+    yield gcs_server
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+@pytest.fixture
+def gcs(gcs_env):
   """``gs://<fresh bucket>`` with ``STORAGE_EMULATOR_HOST`` set in this process."""
-  monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
-  monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL", raising=False)
-  return f"gs://{gcs_server.make_bucket()}"
+  return f"gs://{gcs_env.make_bucket()}"

@@ -3,16 +3,18 @@ import json
 import os
 import signal
 
-import pytest
-
 from deepflow_jax import storage
 from test_train import assert_trees_equal
 from test_train import run_main
 
 
 def _run(workdir, *overrides, **kw):
-  """run_main copies os.environ: the ``gcs`` fixture set STORAGE_EMULATOR_HOST (only) there."""
-  assert "TENSORSTORE_GCS_HTTP_URL" not in os.environ
+  """run_main copies os.environ, where the ``gcs`` fixture set STORAGE_EMULATOR_HOST. This
+  process's own storage calls also point tensorstore at the emulator there; main is run
+  without that, so it must derive it from STORAGE_EMULATOR_HOST itself, as on a user's
+  machine."""
+  for k in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
+    os.environ.pop(k, None)  # the gcs_env fixture restores both afterwards
   return run_main(workdir, *overrides, **kw)
 
 
@@ -46,8 +48,7 @@ def test_train_into_gs_killed_and_resumed_bit_identical(tmp_path, gcs):
   assert any(name.startswith("events.out.tfevents") for name in storage.listdir(f"{wd}/tb"))
 
 
-def test_missing_bucket_is_refused_before_compiling(gcs_server, monkeypatch):
-  monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
+def test_missing_bucket_is_refused_before_compiling(gcs_env):
   r = _run("gs://no-such-bucket/run", "--config.train.num_steps=1", check=False)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [

@@ -253,7 +253,6 @@ def check_resumable(config, workdir: str, trainer: Trainer, ckpt: Checkpointer) 
 def _initial_state(config, trainer: Trainer, ckpt: Checkpointer, data_it, log
                    ) -> tuple[Any, int, int]:
   """(state, step, last_saved): the newest readable checkpoint, else fine-tuned or fresh."""
-  t = config.train
   restored = ckpt.restore_latest(trainer.abstract_state)
   if restored is not None:
     step, state, data_state = restored
