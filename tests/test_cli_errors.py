@@ -103,7 +103,7 @@ CONVERT = [
      "not a converted checkpoint"),
     (["--checkpoint=" + TINY2T_PT, "--output={tmp}/converted"], "{tmp}/converted", "--force"),
     (["--export", "--input={tmp}/nope", "--output={tmp}/c4.pt"], "{tmp}/c4.pt",
-     "not a converted checkpoint"),
+     "no such checkpoint (expected a converted checkpoint directory"),
     (["--checkpoint=" + TINY2T_PT], "{tmp}/converted", "--output"),
 ]
 CONVERT_VAE = [

@@ -29,8 +29,9 @@ TINY_FLAGS = [f"--config.{k}={v}".replace(" ", "") for k, v in TINY.items()]
 SMALL_HBM = 64 * 2**20
 BIG_BATCH = 1024
 # State per parameter: float32 params, EMA, Adam mu and nu; plus the int32 step, the
-# uint32[2] RNG key and two int32 counts (Adam's and the learning-rate schedule's).
-STATE_BYTES_PER_PARAM, STATE_EXTRA = 16, 20
+# uint32[2] RNG key, two int32 counts (Adam's and the learning-rate schedule's) and the
+# health counters skipped_steps and skip_streak (int32 each).
+STATE_BYTES_PER_PARAM, STATE_EXTRA = 16, 28
 
 
 def _plan_cli(*args, env=None):

@@ -219,11 +219,22 @@ class _OrbaxErrorFilter(logging.Filter):
 _CLOSED_LOOP = ("Event loop is closed", "cannot schedule new futures after")
 
 
+class _OrphanedWriteFilter(logging.Filter):
+  """Drops asyncio's "exception was never retrieved" reports (a traceback each): after a
+  failed save, its sibling writes into the same temporary checkpoint fail too and nobody
+  awaits them; the failure itself is raised and reported in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in str(record.msg)
+
+
 def _drop_closed_loop_noise() -> None:
   """After a failed save: the writers it left (TensorStore callbacks into Orbax's closed event
-  loops) print one traceback each, hundreds; those alone are dropped, nothing else."""
+  loops, orphaned asyncio tasks) print one traceback each, hundreds; those alone are
+  dropped, nothing else."""
   if getattr(sys.excepthook, "drops_closed_loop", False):
     return
+  logging.getLogger("asyncio").addFilter(_OrphanedWriteFilter())
   noise = lambda e: isinstance(e, RuntimeError) and str(e).startswith(_CLOSED_LOOP)
   excepthook, unraisable, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
 
