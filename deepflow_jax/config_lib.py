@@ -241,12 +241,24 @@ def _all_keys(node, path="") -> list[str]:
   return out
 
 
+def nearest_key(key: str) -> str | None:
+  """The known config key (``a.b``) closest to ``key``, or None."""
+  near = difflib.get_close_matches(key, _all_keys(base_config()), n=1)
+  return near[0] if near else None
+
+
+def unknown_keys(keys) -> list[str]:
+  """Those of ``keys`` (dotted, e.g. ``train.num_steps``) that no config has."""
+  known = set(_all_keys(base_config()))
+  return [k for k in keys if k not in known]
+
+
 def _known(node, ref, path=""):
   for k in node.keys():
     full = f"{path}{k}"
     if k not in ref:
-      near = difflib.get_close_matches(full, _all_keys(base_config()), n=1)
-      hint = f" (did you mean {near[0]}?)" if near else ""
+      near = nearest_key(full)
+      hint = f" (did you mean {near}?)" if near else ""
       raise UserError(f"unknown config key {full!r}{hint}")
     if isinstance(node[k], ml_collections.ConfigDict):
       _known(node[k], ref[k], full + ".")

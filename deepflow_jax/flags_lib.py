@@ -14,6 +14,7 @@ import sys
 
 from absl import flags
 
+from deepflow_jax import config_lib
 from deepflow_jax.errors import EXIT_USER_ERROR
 from deepflow_jax.errors import debug
 from deepflow_jax.errors import first_line
@@ -39,6 +40,12 @@ def _flag_error(argv, e: BaseException) -> str:
         parts[parts.index(m.group(2))] = m.group(1)
         return f"{flag}: unknown config key (did you mean {'.'.join(parts)}?)"
   if isinstance(e, (AttributeError, KeyError)) and overrides:
+    # Name the override(s) no config has, with the nearest key, not every override given.
+    bad = config_lib.unknown_keys([f.removeprefix("--config.") for f in overrides])
+    if bad:
+      near = config_lib.nearest_key(bad[0])
+      hint = f"did you mean --config.{near}?" if near else first_line(e)
+      return f"--config.{bad[0]}: unknown config key ({hint})"
     return f"{' '.join(overrides)}: unknown config key ({first_line(e)})"
   lines = [l.strip() for l in text.splitlines() if l.strip()]
   useful = [l for l in lines if not l.startswith(("Traceback", "File ", "Pass --help"))]

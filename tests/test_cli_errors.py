@@ -184,6 +184,9 @@ TINY = ["--config.model.hidden_size=32", "--config.model.depth=2", "--config.mod
         "--config.loss.scale_weight=(0.2,1.0)", "--config.train.global_batch_size=16"]
 MAIN = [
     (["--config.train.num_stpes=10"], "did you mean --config.train.num_steps"),
+    # An unknown key beside valid overrides (TINY): the line names that key alone.
+    (["--config.eval.digits_every=0"],
+     "error: --config.eval.digits_every: unknown config key (did you mean --config.eval."),
     (["--config.train.global_batch_size=abc"], "global_batch_size"),
     (["--config.train.log_every=0"], "train.log_every=0"),
     (["--config.train.ckpt_every=0"], "train.ckpt_every=0"),
