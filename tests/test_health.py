@@ -165,6 +165,26 @@ def test_changed_architecture_resume_is_refused_and_allowed_changes_resume(tmp_p
   assert steps == sorted(set(steps)), steps  # no duplicate rows
 
 
+def test_run_that_saved_nothing_keeps_its_architecture(tmp_path):
+  """A run that diverged before its first checkpoint (exit 3, "none yet"): rerunning its
+  workdir with another hidden_size is refused (exit 2, one line, files unchanged); a rerun
+  with only the learning rate changed starts afresh, as the error line says."""
+  w = tmp_path / "w"
+  r = run_main(w, "--config.optim.learning_rate=1e6", "--config.train.ckpt_every=100",
+               "--config.train.max_skip_streak=2", "--config.train.max_rollbacks=1",
+               "--config.train.num_steps=20")
+  assert r.returncode == 3 and "none yet" in r.stderr, r.stderr[-3000:]
+  assert not os.path.exists(w / "checkpoints") or not os.listdir(w / "checkpoints")
+  before = _listing(w)
+  r = run_main(w, "--config.model.hidden_size=48", "--config.train.num_steps=2")
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = _error_lines(r.stderr)
+  assert len(lines) == 1 and "model.hidden_size: 32 -> 48" in lines[0], lines
+  assert _listing(w) == before
+  r = run_main(w, "--config.train.num_steps=2")
+  assert r.returncode == 0 and "2 steps done" in r.stdout, r.stderr[-3000:]
+
+
 def test_workdir_that_cannot_be_written_is_refused_before_compiling(tmp_path):
   """A workdir under a regular file (works as root too) and, when not root, in a read-only
   directory: one error line, exit 2, nothing created."""

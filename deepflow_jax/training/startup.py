@@ -29,6 +29,7 @@ from deepflow_jax import workdir as workdir_lib
 from deepflow_jax.data import pipeline
 from deepflow_jax.data.common import DatasetInfo
 from deepflow_jax.errors import UserError
+from deepflow_jax.models.loading import ARCH_FIELDS
 from deepflow_jax.models.loading import is_converted_dir
 from deepflow_jax.models.loading import load_model
 from deepflow_jax.models.loading import model_from_config
@@ -204,7 +205,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(config, workdir: str, sections=("model", "optim", "loss")) -> list[str]:
   """``key: old -> new`` for the keys of ``sections`` that differ from ``workdir/config.json``."""
-  if not os.path.isfile(os.path.join(workdir, workdir_lib.CONFIG_JSON)):
+  if not storage.exists(storage.join(workdir, workdir_lib.CONFIG_JSON)):
     return []
   old = _flat(workdir_lib.read_config(workdir).to_dict())
   new = _flat(config_lib.to_json_dict(config.copy_and_resolve_references()))
@@ -228,9 +229,21 @@ def check_resumable(config, workdir: str, trainer: Trainer, ckpt: Checkpointer) 
   """Refuses (``UserError``, nothing moved or written) a resume whose state shapes differ
   from the newest checkpoint's whose metadata can be read (same arrays of other shapes, or
   other arrays with changed model/optimiser/loss keys in ``config.json``); unreadable ones
-  are left to the restore's fallback."""
+  are left to the restore's fallback. A workdir whose previous run saved no checkpoint
+  (diverged or stopped before its first save) is refused for another architecture too: its
+  config.json, metrics and parameter table belong to that model."""
+  steps = ckpt.all_steps()
+  if not steps:  # a run that saved nothing (diverged, stopped early) still owns the workdir
+    arch = [c for c in config_changes(config, workdir, sections=("model",))
+            if c.split(":")[0].removeprefix("model.") in ARCH_FIELDS]
+    if arch:
+      raise UserError(
+          f"--workdir {workdir}: its previous run (config.json, no checkpoint yet) trained "
+          f"another architecture ({'; '.join(arch)}); rerun with its model settings or use "
+          "another --workdir (nothing was changed)")
+    return
   want = tree_shapes(trainer.abstract_state)
-  for step in reversed(ckpt.all_steps()):
+  for step in reversed(steps):
     try:
       with _quiet_absl():  # Orbax warns of missing optional metadata files
         saved = ckpt.saved_shapes(step)
