@@ -42,6 +42,17 @@ def cpu_env(devices=1, compile_cache=False):
   return env
 
 
+# ``python -m deepflow_jax.main`` flags that shrink the digits default to a 2-block model
+# trained at batch 16, logged every step, with no grid or evaluation: seconds per run.
+TINY_MAIN = [
+    "--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
+    "--config.model.df_idxs=(1,)", "--config.model.projector_dim=32",
+    "--config.loss.scale_weight=(0.2,1.0)", "--config.train.global_batch_size=16",
+    "--config.train.log_every=1", "--config.sample.grid_classes=0", "--config.eval.num_samples=0",
+    "--config.optim.warmup_steps=0",
+]
+
+
 def main_command(kill_at=None):
   """argv up to the flags of ``python -m deepflow_jax.main``; ``kill_at``: the same run through
   ``tests/sigkill_worker.py``, which SIGKILLs itself after that step once the newest checkpoint

@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 
+from conftest import TINY_MAIN as TINY
 from conftest import cpu_env
 from deepflow_jax import storage
 from test_train import DIGITS
 from test_train import ROOT
-from test_train import TINY
 from test_train import _free_port
 from test_train import assert_trees_equal_close
 from test_train import metrics

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import TINY_MAIN as TINY
 from conftest import cpu_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,13 +79,6 @@ def test_poisoned_batch_is_skipped_with_the_state_unchanged():
 
 
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
-TINY = [
-    "--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
-    "--config.model.df_idxs=(1,)", "--config.model.projector_dim=32",
-    "--config.loss.scale_weight=(0.2,1.0)", "--config.train.global_batch_size=16",
-    "--config.train.log_every=1", "--config.sample.grid_classes=0", "--config.eval.num_samples=0",
-    "--config.optim.warmup_steps=0",
-]
 
 
 def run_main(workdir, *overrides, timeout=300, module="deepflow_jax.main"):

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import TINY_MAIN as TINY
 from conftest import cpu_env
 from conftest import main_command
 from conftest import restore_state
@@ -23,13 +24,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
 
-TINY = [
-    "--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
-    "--config.model.df_idxs=(1,)", "--config.model.projector_dim=32",
-    "--config.loss.scale_weight=(0.2,1.0)", "--config.train.global_batch_size=16",
-    "--config.train.log_every=1", "--config.sample.grid_classes=0", "--config.eval.num_samples=0",
-    "--config.optim.warmup_steps=0",
-]
 
 
 def _env(devices=1):

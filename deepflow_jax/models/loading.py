@@ -186,12 +186,7 @@ def save_converted(directory: str, model: DeepFlow, params, *, extra: Optional[d
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise ConversionError(f"{directory}: exists and is not a directory")
   if os.path.isdir(directory) and os.listdir(directory):
-    if not is_converted_dir(directory):
-      raise ConversionError(f"{directory}: not empty and not a converted checkpoint; choose an "
-                            "empty or new output directory (nothing was changed)")
-    if not force:
-      raise ConversionError(f"{directory}: already holds a converted checkpoint; pass --force "
-                            "to replace it")
+    _check_replaceable(directory, force)
   parent, base = os.path.split(directory)
   os.makedirs(parent, exist_ok=True)
   for name in os.listdir(parent):  # what an interrupted conversion left
@@ -219,17 +214,23 @@ def save_converted(directory: str, model: DeepFlow, params, *, extra: Optional[d
       shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_replaceable(directory: str, force: bool) -> None:
+  """A non-empty output folder may be replaced only if it is a converted checkpoint and
+  ``force`` is given."""
+  if not is_converted_dir(directory):
+    raise ConversionError(f"{directory}: not empty and not a converted checkpoint; choose an "
+                          "empty or new output directory (nothing was changed)")
+  if not force:
+    raise ConversionError(f"{directory}: already holds a converted checkpoint; pass --force "
+                          "to replace it")
+
+
 def _save_converted_url(directory: str, model: DeepFlow, params, *, extra: Optional[dict],
                         force: bool) -> None:
   """``save_converted`` on object storage: model.json last, so a half-written one never loads."""
   storage.configure_emulator()
   if storage.listdir(directory):
-    if not is_converted_dir(directory):
-      raise ConversionError(f"{directory}: not empty and not a converted checkpoint; choose an "
-                            "empty or new output directory (nothing was changed)")
-    if not force:
-      raise ConversionError(f"{directory}: already holds a converted checkpoint; pass --force "
-                            "to replace it")
+    _check_replaceable(directory, force)
     storage.remove(storage.join(directory, MODEL_JSON))  # no longer a checkpoint from here on
   storage.rmtree(directory)  # an earlier (or interrupted) conversion's files
   meta = {"format": CONVERTED_FORMAT, "model": model_to_dict(model)}
