@@ -210,10 +210,18 @@ class Checkpointer:
 
 class _OrbaxErrorFilter(logging.Filter):
   """Drops Orbax's own error logs (with tracebacks, several per failed background save):
-  the failure is raised to the caller, which reports it in one line."""
+  the failure is raised to the caller, which reports it in one line. Also drops its
+  "Waiting for previous save to complete took N seconds" warning, logged at every save
+  that starts while the previous one is still writing (frequent saves, a slow disk or
+  bucket): the wait is part of the step time the progress line reports, and the warning
+  broke the one-line contract of a run's stderr."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if record.levelno >= logging.ERROR:
+      return False
+    return not str(record.msg).startswith("Waiting for previous save to complete")
 
 
 _CLOSED_LOOP = ("Event loop is closed", "cannot schedule new futures after")
