@@ -204,14 +204,16 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(config, workdir: str, sections=("model", "optim", "loss")) -> list[str]:
-  """``key: old -> new`` for the keys of ``sections`` that differ from ``workdir/config.json``."""
+  """``key: old -> new`` for the keys under ``sections`` (top-level sections or dotted keys,
+  e.g. ``model.hidden_size``) that differ from ``workdir/config.json``."""
   if not storage.exists(storage.join(workdir, workdir_lib.CONFIG_JSON)):
     return []
   old = _flat(workdir_lib.read_config(workdir).to_dict())
   new = _flat(config_lib.to_json_dict(config.copy_and_resolve_references()))
   norm = lambda v: list(v) if isinstance(v, tuple) else v
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-          if k.split(".")[0] in sections and norm(old.get(k)) != norm(new.get(k))]
+          if any(k == s or k.startswith(s + ".") for s in sections)
+          and norm(old.get(k)) != norm(new.get(k))]
 
 
 @contextlib.contextmanager
@@ -234,8 +236,7 @@ def check_resumable(config, workdir: str, trainer: Trainer, ckpt: Checkpointer) 
   config.json, metrics and parameter table belong to that model."""
   steps = ckpt.all_steps()
   if not steps:  # a run that saved nothing (diverged, stopped early) still owns the workdir
-    arch = [c for c in config_changes(config, workdir, sections=("model",))
-            if c.split(":")[0].removeprefix("model.") in ARCH_FIELDS]
+    arch = config_changes(config, workdir, sections=tuple(f"model.{f}" for f in ARCH_FIELDS))
     if arch:
       raise UserError(
           f"--workdir {workdir}: its previous run (config.json, no checkpoint yet) trained "
