@@ -2,7 +2,7 @@
 
     python -m deepflow_jax.plan --config=configs/xl3t.py --topology=v5e:2x4 \\
         [--config.model.remat=block ...] [--per_chip_batch=N | --find_max_batch] \\
-        [--num_slices=N] [--sample_batch=16] [--mfu=0.4] [--hbm_gib=G] [--json]
+        [--num_slices=N] [--sample_batch=16] [--noinit] [--mfu=0.4] [--hbm_gib=G] [--json]
 
 Compiles, for the named topology (``v5e:2x4`` is a v5litepod-8, ``v4:2x2x1`` a
 v4-8, ``v5p:2x2x1`` a v5p-8, ``v6e:2x4`` a v6e-8, ``v5e:1x1`` one chip), the
@@ -55,6 +55,7 @@ flags.DEFINE_integer("batch_multiple", 8,
 flags.DEFINE_integer("num_slices", 1, "Slices of the topology (multi-slice; data spans them).")
 flags.DEFINE_integer("sample_batch", 16,
                      "Per-chip batch of generate's sampling step to compile (0: skip).")
+flags.DEFINE_bool("init", True, "Also compile the fresh-state initialiser.")
 flags.DEFINE_float("mfu", planning.DEFAULT_MFU, "MFU at which images/s are stated.")
 flags.DEFINE_float("hbm_gib", None,
                    "HBM per chip to fit into (default: the chip's, deepflow_jax/hardware.py).")
@@ -125,10 +126,13 @@ def _plan(argv) -> int:
     topo = planning.with_hbm(topo, FLAGS.hbm_gib * 2**30)
   kw = dict(sample_batch=FLAGS.sample_batch, mfu=FLAGS.mfu)
   log = lambda m: print(m, flush=True)  # pylint: disable=unnecessary-lambda-assignment
+  searched = {}  # fsdp -> the train step's report, compiled by the search
   if auto_fsdp:
-    fsdp = fit.smallest_fitting_fsdp(
-        config, len(topo.devices),
-        lambda c: planning.plan(c, topo, FLAGS.per_chip_batch, init=False)["fits"], log=log)
+    def fits(c) -> bool:
+      searched[int(c.mesh.fsdp)] = planning.plan(c, topo, FLAGS.per_chip_batch, init=False,
+                                                 mfu=FLAGS.mfu)
+      return searched[int(c.mesh.fsdp)]["fits"]
+    fsdp = fit.smallest_fitting_fsdp(config, len(topo.devices), fits, log=log)
     config = config_lib.with_mesh_fsdp(config, fsdp)
   if FLAGS.find_max_batch:
     if FLAGS.batch_multiple < 1:
@@ -137,7 +141,7 @@ def _plan(argv) -> int:
                                          **kw)
     result = dict(best)
     if best["fits"]:
-      twice = planning.plan(config, topo, 2 * best["per_chip_batch"], init=False, **kw)
+      twice = planning.plan(config, topo, 2 * best["per_chip_batch"], init=False, mfu=FLAGS.mfu)
       result["twice"] = {k: twice[k] for k in ("per_chip_batch", "fits", "bytes_per_chip",
                                                "compile_s") if k in twice}
       result["twice"]["compile_error"] = twice.get("compile_error", "")
@@ -149,7 +153,8 @@ def _plan(argv) -> int:
                                            "compile_s", "compile_error") if k in r}
                         for r in runs]
   else:
-    result = planning.plan(config, topo, FLAGS.per_chip_batch, **kw)
+    result = planning.plan(config, topo, FLAGS.per_chip_batch, init=FLAGS.init,
+                           train_report=searched.get(int(config.mesh.fsdp)), **kw)
   _print_report(result)
   if auto_fsdp:
     print(f"mesh.fsdp=auto chose fsdp={result['mesh']['fsdp']}")

@@ -239,25 +239,10 @@ def batch_unit(config, topo: Topology) -> int:
   return topo.devices_per_chip * int(config.train.grad_accum_steps)
 
 
-def plan(config, topo: Topology, per_chip_batch: Optional[int] = None, *,
-         sample_batch: int = 0, sample_settings=None, init: bool = True,
-         mfu: float = DEFAULT_MFU) -> dict[str, Any]:
-  """Compiles ``main``'s programs for ``topo`` at ``per_chip_batch``; the report as a dict.
-
-  ``per_chip_batch`` None: the config's ``train.global_batch_size`` over the
-  chips. ``sample_batch`` > 0 also compiles generate's sampling step at that
-  per-chip batch with ``sample_settings`` (default: the config's ``sample``
-  block with classifier-free guidance on). The config is not changed.
-  """
-  config = config.copy_and_resolve_references()
-  if per_chip_batch is None:
-    per_chip_batch = _per_chip_batch_default(config, topo)
-  _check_batch(config, topo, per_chip_batch)
-  config.train.global_batch_size = per_chip_batch * topo.chips
-  mesh = topology_mesh(config, topo)
-  trainer = build_trainer(config, mesh)
-  model, dpc = trainer.model, topo.devices_per_chip
-  programs = trainer.programs(config.train.global_batch_size)
+def _train_step_report(config, topo: Topology, trainer: Trainer, programs,
+                       per_chip_batch: int, mfu: float) -> dict[str, Any]:
+  """Compiles the train step; ``plan``'s report of it."""
+  model, dpc, mesh = trainer.model, topo.devices_per_chip, trainer.mesh
   step = compile_program(programs["train_step"])
   state_b = _shard_bytes(trainer.abstract_state) * dpc
   batch_b = _shard_bytes(programs["train_step"].args[1]) * dpc
@@ -298,6 +283,39 @@ def plan(config, topo: Topology, per_chip_batch: Optional[int] = None, *,
         mfu=mfu, images_per_s_at_mfu=mfu * topo.chip.peak_bf16_flops * topo.chips
         / meter.train_flops_per_example(model),
         step_s_at_mfu=analytic / (mfu * topo.chip.peak_bf16_flops))
+  return out
+
+
+def plan(config, topo: Topology, per_chip_batch: Optional[int] = None, *,
+         sample_batch: int = 0, sample_settings=None, init: bool = True,
+         mfu: float = DEFAULT_MFU, train_report: Optional[dict] = None) -> dict[str, Any]:
+  """Compiles ``main``'s programs for ``topo`` at ``per_chip_batch``; the report as a dict.
+
+  ``per_chip_batch`` None: the config's ``train.global_batch_size`` over the
+  chips. ``sample_batch`` > 0 also compiles generate's sampling step at that
+  per-chip batch with ``sample_settings`` (default: the config's ``sample``
+  block with classifier-free guidance on). ``train_report``: this config's plan
+  at this batch already compiled (``mesh.fsdp=auto``'s search has one): its
+  train-step numbers are kept and only the initialiser and sampler are
+  compiled. The config is not changed.
+  """
+  config = config.copy_and_resolve_references()
+  if per_chip_batch is None:
+    per_chip_batch = _per_chip_batch_default(config, topo)
+  _check_batch(config, topo, per_chip_batch)
+  config.train.global_batch_size = per_chip_batch * topo.chips
+  mesh = topology_mesh(config, topo)
+  trainer = build_trainer(config, mesh)
+  programs = trainer.programs(config.train.global_batch_size)
+  if train_report is not None:
+    if (train_report["per_chip_batch"], train_report["mesh"]) != (
+        per_chip_batch, {k: int(v) for k, v in mesh.shape.items()}):
+      raise ValueError(f"train_report is for per-chip batch {train_report['per_chip_batch']} "
+                       f"on {train_report['mesh']}, not {per_chip_batch} on {dict(mesh.shape)}")
+    out = dict(train_report)
+  else:
+    out = _train_step_report(config, topo, trainer, programs, per_chip_batch, mfu)
+  hbm, dpc, model = topo.chip.hbm_bytes, topo.devices_per_chip, trainer.model
   if init:
     c = compile_program(programs["init"])
     out.update(init_compile_s=round(c.compile_s, 2), init_bytes_per_chip=c.bytes * dpc,
@@ -331,8 +349,11 @@ def find_max_batch(config, topo: Topology, *, probes: tuple[int, int] = (0, 0),
   Batches are multiples of ``unit = lcm(batch_unit, multiple)``. Two probe
   batches (default: 1 and 2 units) give a linear fit bytes = fixed + per_example
   x batch; its estimate and the unit above it are compiled next (when the fit
-  holds, that settles it: four compiles), then a bisection between the largest
-  batch known to fit and the smallest known not to. Returns the plan of the
+  holds, that settles it: four compiles). When it was low (XLA's TPU compiler
+  rematerialises by itself near the HBM, so the bytes grow slower than the fit),
+  the batch doubles until one does not fit (out-of-memory compiles are quick);
+  then a bisection between the largest batch known to fit and the smallest known
+  not to. Returns the plan of the
   batch found (``fits`` False when even one unit does not fit) and every plan
   compiled, in order.
   """
@@ -377,8 +398,8 @@ def find_max_batch(config, topo: Topology, *, probes: tuple[int, int] = (0, 0),
           lo = up
       else:
         hi = guess
-    while hi is None:  # the fit was low: grow by a quarter until something does not fit
-      b = lo + max(unit, lo // 4 // unit * unit)
+    while hi is None:  # the fit was low: double until something does not fit
+      b = 2 * lo
       if at(b)["fits"]:
         lo = b
       else:

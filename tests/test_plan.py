@@ -74,6 +74,19 @@ def test_fits_flips_with_the_batch(single_host, tiny_config):
   assert big["bytes_per_chip"] > SMALL_HBM > small["bytes_per_chip"]
 
 
+def test_find_max_batch_is_the_edge_of_what_fits(single_host, tiny_config):
+  """The batch found fits and the next multiple does not, both compiled; every batch
+  tried agrees with that edge (fits below it, not above it)."""
+  topo, _ = single_host
+  unit = 64
+  best, runs = planning.find_max_batch(tiny_config, topo, multiple=unit, log=lambda m: None)
+  b = best["per_chip_batch"]
+  assert best["fits"] and b % unit == 0 and 384 <= b < BIG_BATCH, b
+  verdicts = {r["per_chip_batch"]: r["fits"] for r in runs}
+  assert verdicts.get(b + unit) is False, sorted(verdicts.items())
+  assert all(f == (batch <= b) for batch, f in verdicts.items()), sorted(verdicts.items())
+
+
 def test_multi_host_cli_json_and_fsdp_state(tiny_config):
   """v5e:4x4 (4 hosts of 4 chips), fsdp=2, run as the command (JSON last line)."""
   r = _plan_cli(f"--config={DIGITS}", *TINY_FLAGS, "--topology=v5e:4x4", "--config.mesh.fsdp=2",
@@ -141,6 +154,19 @@ def test_auto_fsdp_is_the_smallest_that_fits(tiny_config):
   # main on CPU: no device memory to fit, fsdp 1 (nothing compiled).
   assert fit.resolve_auto_fsdp(tiny_config, None, log=lambda _: None) == 1
   config_lib.validate(config_lib.with_mesh_fsdp(tiny_config, 0))  # 0 (auto) is a valid value
+
+
+def test_auto_fsdp_cli_reports_the_plan_it_chose():
+  """--config.mesh.fsdp=0 through the command: the search's own compile is the report
+  (fsdp 1 fits the tiny model), the sampler is compiled beside it, --noinit skips the
+  initialiser."""
+  r = _plan_cli(f"--config={DIGITS}", *TINY_FLAGS, "--topology=v5e:2x2", "--config.mesh.fsdp=0",
+                "--per_chip_batch=4", "--sample_batch=2", "--noinit", "--json")
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert "mesh.fsdp=auto: fsdp=1 fits" in r.stdout and "chose fsdp=1" in r.stdout, r.stdout
+  assert out["mesh"] == {"data": 4, "fsdp": 1} and out["fits"] and out["compile_s"] > 0
+  assert out["sample"]["fits"] and "init_compile_s" not in out
 
 
 def test_two_slices_data_spans_them(tiny_config):
