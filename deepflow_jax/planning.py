@@ -250,6 +250,8 @@ def _train_step_report(config, topo: Topology, trainer: Trainer, programs,
   n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(trainer.abstract_state.params))
   hbm = topo.chip.hbm_bytes
   need = step.bytes * dpc
+  if step.oom and step.oom_bytes is None and step.temp_bytes:  # XLA named the temporaries
+    need = state_b + batch_b + enc_b + step.temp_bytes * dpc
   fits = (not step.oom) and need <= hbm
   analytic = meter.train_flops_per_example(model) * per_chip_batch
   out = {

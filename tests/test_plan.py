@@ -169,6 +169,20 @@ def test_auto_fsdp_cli_reports_the_plan_it_chose():
   assert out["sample"]["fits"] and "init_compile_s" not in out
 
 
+def test_out_of_memory_keeps_the_temporaries_xla_named():
+  """libtpu's message for XL/2-3T at 256 on one v5e chip (docs/tpu.md): the report adds the
+  arguments to the temporaries XLA says it needed, rather than printing 0 bytes."""
+  from deepflow_jax.training import fit  # pylint: disable=g-import-not-at-top
+
+  class Program:
+    def lower(self):
+      raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                         "required for HLO temporaries (37.25G) exceeds available HBM (15.75G).")
+
+  c = fit.compile_program(Program())
+  assert c.oom and c.oom_bytes is None and c.temp_bytes == int(37.25 * 2**30)
+
+
 def test_two_slices_data_spans_them(tiny_config):
   topo = planning.tpu_topology("v5e:2x2", num_slices=2)
   r = planning.plan(tiny_config, topo, 2, init=False)

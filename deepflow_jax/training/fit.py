@@ -23,6 +23,8 @@ from deepflow_jax.errors import first_line
 
 
 _OOM_RE = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.I)
+# TPU: "the total memory required for HLO temporaries (37.25G) exceeds available HBM".
+_OOM_TEMP_RE = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\)", re.I)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -31,14 +33,18 @@ def _is_oom(e: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or bool(_OOM_RE.search(text))
 
 
-def _oom_bytes(e: BaseException) -> Optional[int]:
-  m = _OOM_RE.search(str(e))
+def _oom_bytes(e: BaseException, pattern: re.Pattern = _OOM_RE) -> Optional[int]:
+  m = pattern.search(str(e))
   return int(float(m.group(1)) * _UNITS[m.group(2).upper()]) if m else None
 
 
 @dataclasses.dataclass
 class Compiled:
-  """One compiled program's per-device numbers (``error``: it did not compile)."""
+  """One compiled program's per-device numbers (``error``: it did not compile).
+
+  Out of memory: ``oom_bytes`` is the total XLA said it needed where its message
+  has one, else ``temp_bytes`` the temporaries it named (the arguments are the
+  caller's to add)."""
   compile_s: float
   argument_bytes: int = 0
   output_bytes: int = 0
@@ -69,7 +75,7 @@ def compile_program(program) -> Compiled:
     if not _is_oom(e):
       raise
     return Compiled(time.perf_counter() - t0, error=first_line(e)[:300], oom=True,
-                    oom_bytes=_oom_bytes(e))
+                    oom_bytes=_oom_bytes(e), temp_bytes=_oom_bytes(e, _OOM_TEMP_RE) or 0)
   dt = time.perf_counter() - t0
   m = exe.memory_analysis()
   cost = exe.cost_analysis()
