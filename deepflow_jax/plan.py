@@ -156,7 +156,11 @@ def _plan(argv) -> int:
     result = planning.plan(config, topo, FLAGS.per_chip_batch, init=FLAGS.init,
                            train_report=searched.get(int(config.mesh.fsdp)), **kw)
   _print_report(result)
-  if auto_fsdp:
+  if auto_fsdp and not any(r["fits"] for r in searched.values()):
+    print(f"mesh.fsdp=auto: no fsdp size fits per-chip batch {searched[1]['per_chip_batch']}; "
+          f"the largest, fsdp={max(searched)}, is reported (a smaller --per_chip_batch, "
+          "train.grad_accum_steps or model.remat=block may fit)")
+  elif auto_fsdp:
     print(f"mesh.fsdp=auto chose fsdp={result['mesh']['fsdp']}")
   if FLAGS.json:
     print(json.dumps(result), flush=True)
