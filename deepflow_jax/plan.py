@@ -157,9 +157,10 @@ def _plan(argv) -> int:
                            train_report=searched.get(int(config.mesh.fsdp)), **kw)
   _print_report(result)
   if auto_fsdp and not any(r["fits"] for r in searched.values()):
+    remedies = "a smaller --per_chip_batch or train.grad_accum_steps" + (
+        "" if config.model.remat == "block" else " or model.remat=block")
     print(f"mesh.fsdp=auto: no fsdp size fits per-chip batch {searched[1]['per_chip_batch']}; "
-          f"the largest, fsdp={max(searched)}, is reported (a smaller --per_chip_batch, "
-          "train.grad_accum_steps or model.remat=block may fit)")
+          f"the largest, fsdp={max(searched)}, is reported ({remedies} may fit)")
   elif auto_fsdp:
     print(f"mesh.fsdp=auto chose fsdp={result['mesh']['fsdp']}")
   if FLAGS.json:
