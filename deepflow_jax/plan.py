@@ -13,7 +13,7 @@ analytic count; a step-time lower bound and the images/s at ``--mfu``; compile
 times (``deepflow_jax/planning.py``). Needs libtpu: ``pip install -e ".[tpu]"``.
 
 ``--find_max_batch``: the largest per-chip batch that fits, by compiling
-(bisection seeded by a linear fit), then the plan at twice it. ``--json``: the
+(a linear fit, doubling where it was low, then bisection), then the plan at twice it. ``--json``: the
 last line is one JSON object. ``--config.mesh.fsdp=0`` is ``auto``: the smallest
 fsdp size whose train step fits (docs/tpu.md).
 
