@@ -239,6 +239,10 @@ def batch_unit(config, topo: Topology) -> int:
   return topo.devices_per_chip * int(config.train.grad_accum_steps)
 
 
+def _mesh_shape(mesh) -> dict[str, int]:
+  return {k: int(v) for k, v in mesh.shape.items()}
+
+
 def _train_step_report(config, topo: Topology, trainer: Trainer, programs,
                        per_chip_batch: int, mfu: float) -> dict[str, Any]:
   """Compiles the train step; ``plan``'s report of it."""
@@ -257,7 +261,7 @@ def _train_step_report(config, topo: Topology, trainer: Trainer, programs,
   out = {
       "topology": topo.name, "generation": topo.chip.name, "num_slices": topo.num_slices,
       "chips": topo.chips, "hosts": topo.hosts, "devices": len(topo.devices),
-      "devices_per_chip": dpc, "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "devices_per_chip": dpc, "mesh": _mesh_shape(mesh),
       "preset": config.model.preset, "params": n_params, "remat": model.remat,
       "compute_dtype": np.dtype(model.dtype).name, "ssl_align": bool(model.ssl_align),
       "grad_accum_steps": int(config.train.grad_accum_steps),
@@ -311,7 +315,7 @@ def plan(config, topo: Topology, per_chip_batch: Optional[int] = None, *,
   programs = trainer.programs(config.train.global_batch_size)
   if train_report is not None:
     if (train_report["per_chip_batch"], train_report["mesh"]) != (
-        per_chip_batch, {k: int(v) for k, v in mesh.shape.items()}):
+        per_chip_batch, _mesh_shape(mesh)):
       raise ValueError(f"train_report is for per-chip batch {train_report['per_chip_batch']} "
                        f"on {train_report['mesh']}, not {per_chip_batch} on {dict(mesh.shape)}")
     out = dict(train_report)
