@@ -12,10 +12,10 @@ temporary bytes against the HBM and whether they fit; XLA's FLOPs beside the
 analytic count; a step-time lower bound and the images/s at ``--mfu``; compile
 times (``deepflow_jax/planning.py``). Needs libtpu: ``pip install -e ".[tpu]"``.
 
-``--find_max_batch``: the largest per-chip batch that fits, by compiling
-(a linear fit, doubling where it was low, then bisection), then the plan at twice it. ``--json``: the
-last line is one JSON object. ``--config.mesh.fsdp=0`` is ``auto``: the smallest
-fsdp size whose train step fits (docs/tpu.md).
+``--find_max_batch``: the largest per-chip batch that fits, by compiling (a
+linear fit, doubling where it was low, then bisection), then the plan at twice
+it. ``--json``: the last line is one JSON object. ``--config.mesh.fsdp=0`` is
+``auto``: the smallest fsdp size whose train step fits (docs/tpu.md).
 
 Exit status: 0 whether the program fits or not (the report says which); 2 with
 one ``error:`` line for an unknown topology, a missing libtpu or a bad flag.
