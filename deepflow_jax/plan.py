@@ -1,7 +1,7 @@
 """Will a config fit a Cloud TPU slice, and how fast can it go? Compiled here, no TPU needed.
 
     python -m deepflow_jax.plan --config=configs/xl3t.py --topology=v5e:2x4 \\
-        [--config.model.remat=block ...] [--per_chip_batch=N | --find_max_batch] \\
+        [--config.model.remat=block ...] [--per_chip_batch=N] [--find_max_batch] \\
         [--num_slices=N] [--sample_batch=16] [--noinit] [--mfu=0.4] [--hbm_gib=G] [--json]
 
 Compiles, for the named topology (``v5e:2x4`` is a v5litepod-8, ``v4:2x2x1`` a
@@ -13,9 +13,10 @@ analytic count; a step-time lower bound and the images/s at ``--mfu``; compile
 times (``deepflow_jax/planning.py``). Needs libtpu: ``pip install -e ".[tpu]"``.
 
 ``--find_max_batch``: the largest per-chip batch that fits, by compiling (a
-linear fit, doubling where it was low, then bisection), then the plan at twice
-it. ``--json``: the last line is one JSON object. ``--config.mesh.fsdp=0`` is
-``auto``: the smallest fsdp size whose train step fits (docs/tpu.md).
+linear fit, doubling where it was low, then bisection; with ``--per_chip_batch=N``
+the search starts at N instead), then the plan at twice it. ``--json``: the last
+line is one JSON object. ``--config.mesh.fsdp=0`` is ``auto``: the smallest fsdp
+size whose train step fits (docs/tpu.md).
 
 Exit status: 0 whether the program fits or not (the report says which); 2 with
 one ``error:`` line for an unknown topology, a missing libtpu or a bad flag.
@@ -48,7 +49,8 @@ config_flags.DEFINE_config_file("config", None, "Training config file (configs/*
                                 lock_config=True)
 flags.DEFINE_string("topology", None, "Cloud TPU topology, e.g. v5e:2x4, v4:2x2x1, v5e:1x1.")
 flags.DEFINE_integer("per_chip_batch", None,
-                     "Training examples per chip (default: train.global_batch_size / chips).")
+                     "Training examples per chip (default: train.global_batch_size / chips); "
+                     "with --find_max_batch, where the search starts.")
 flags.DEFINE_bool("find_max_batch", False, "Find the largest per-chip batch that fits.")
 flags.DEFINE_integer("batch_multiple", 8,
                      "--find_max_batch: per-chip batches tried are multiples of this.")
@@ -106,8 +108,6 @@ def _plan(argv) -> int:
     raise UserError("--config is required (e.g. --config=configs/xl3t.py)")
   if not FLAGS.topology:
     raise UserError("--topology is required (e.g. --topology=v5e:2x4)")
-  if FLAGS.find_max_batch and FLAGS.per_chip_batch is not None:
-    raise UserError("--per_chip_batch and --find_max_batch exclude each other")
   if FLAGS.sample_batch < 0:
     raise UserError(f"--sample_batch={FLAGS.sample_batch}: must be >= 0")
   if not 0 < FLAGS.mfu <= 1:
@@ -137,8 +137,8 @@ def _plan(argv) -> int:
   if FLAGS.find_max_batch:
     if FLAGS.batch_multiple < 1:
       raise UserError(f"--batch_multiple={FLAGS.batch_multiple}: must be >= 1")
-    best, runs = planning.find_max_batch(config, topo, multiple=FLAGS.batch_multiple, log=log,
-                                         **kw)
+    best, runs = planning.find_max_batch(config, topo, start=FLAGS.per_chip_batch,
+                                         multiple=FLAGS.batch_multiple, log=log, **kw)
     result = dict(best)
     if best["fits"]:
       twice = planning.plan(config, topo, 2 * best["per_chip_batch"], init=False, mfu=FLAGS.mfu)

@@ -348,8 +348,8 @@ def plan(config, topo: Topology, per_chip_batch: Optional[int] = None, *,
 
 
 def find_max_batch(config, topo: Topology, *, probes: tuple[int, int] = (0, 0),
-                   multiple: int = 1, log: Callable[[str], None] = print,
-                   **plan_kw) -> tuple[dict, list[dict]]:
+                   start: Optional[int] = None, multiple: int = 1,
+                   log: Callable[[str], None] = print, **plan_kw) -> tuple[dict, list[dict]]:
   """The largest per-chip batch whose train step fits, by compiling: (its plan, every plan).
 
   Batches are multiples of ``unit = lcm(batch_unit, multiple)``. Two probe
@@ -359,7 +359,10 @@ def find_max_batch(config, topo: Topology, *, probes: tuple[int, int] = (0, 0),
   rematerialises by itself near the HBM, so the bytes grow slower than the fit),
   the batch doubles until one does not fit (out-of-memory compiles are quick);
   then a bisection between the largest batch known to fit and the smallest known
-  not to. Returns the plan of the
+  not to. With ``start`` (a batch believed near the edge, e.g. another config's
+  edge) there are no probes: ``start`` and the unit above it are compiled first
+  (when the edge lies between them, two compiles settle it), else the batch
+  doubles up from there, or halves down until one fits. Returns the plan of the
   batch found (``fits`` False when even one unit does not fit) and every plan
   compiled, in order.
   """
@@ -379,40 +382,55 @@ def find_max_batch(config, topo: Topology, *, probes: tuple[int, int] = (0, 0),
           f"{'fits' if r['fits'] else 'does not fit'} (compile {r['compile_s']:.0f} s)")
     return tried[b]
 
-  b1 = probes[0] or unit
-  b2 = probes[1] or 2 * b1
-  r1, r2 = at(b1), at(b2)
-  if not r1["fits"]:
-    return r1, runs
-  lo = b1
-  hi = None
-  if not r2["fits"]:
-    hi = b2
+  def above(b: int) -> tuple[int, Optional[int]]:  # b fits: (lo, hi) once b + unit is known
+    return (b, b + unit) if not at(b + unit)["fits"] else (b + unit, None)
+
+  if start is not None:
+    b = max(int(start) // unit * unit, unit)
+    lo, hi = None, None
+    if at(b)["fits"]:
+      lo, hi = above(b)
+    else:
+      hi = b
+      while lo is None:  # halve down until one fits
+        if b == unit:
+          return tried[b], runs
+        b = max(b // 2 // unit * unit, unit)
+        if at(b)["fits"]:
+          lo = b
+        else:
+          hi = b
   else:
-    lo = b2
-    per_ex = (r2["bytes_per_chip"] - r1["bytes_per_chip"]) / (b2 - b1)
-    fixed = r1["bytes_per_chip"] - per_ex * b1
-    guess = int((r1["hbm_bytes_per_chip"] - fixed) // per_ex) // unit * unit if per_ex > 0 else 0
-    log(f"linear fit: {fixed / 2**30:.2f} GiB + {per_ex / 2**20:.1f} MiB per example -> "
-        f"estimate {guess}")
-    if guess > lo:
-      if at(guess)["fits"]:
-        lo = guess
-        up = guess + unit
-        hi = up if not at(up)["fits"] else None
-        if hi is None:
-          lo = up
-      else:
-        hi = guess
-    while hi is None:  # the fit was low: double until something does not fit
-      b = 2 * lo
-      if at(b)["fits"]:
-        lo = b
-      else:
-        hi = b
+    b1 = probes[0] or unit
+    b2 = probes[1] or 2 * b1
+    r1, r2 = at(b1), at(b2)
+    if not r1["fits"]:
+      return r1, runs
+    lo = b1
+    hi = None
+    if not r2["fits"]:
+      hi = b2
+    else:
+      lo = b2
+      per_ex = (r2["bytes_per_chip"] - r1["bytes_per_chip"]) / (b2 - b1)
+      fixed = r1["bytes_per_chip"] - per_ex * b1
+      guess = (int((r1["hbm_bytes_per_chip"] - fixed) // per_ex) // unit * unit
+               if per_ex > 0 else 0)
+      log(f"linear fit: {fixed / 2**30:.2f} GiB + {per_ex / 2**20:.1f} MiB per example -> "
+          f"estimate {guess}")
+      if guess > lo:
+        if at(guess)["fits"]:
+          lo, hi = above(guess)
+        else:
+          hi = guess
+  while hi is None:  # below the edge so far: double until something does not fit
+    b = 2 * lo
+    if at(b)["fits"]:
+      lo = b
+    else:
+      hi = b
   while hi - lo > unit:
-    mid = (lo + hi) // 2 // unit * unit
-    mid = max(mid, lo + unit)
+    mid = max((lo + hi) // 2 // unit * unit, lo + unit)
     if at(mid)["fits"]:
       lo = mid
     else:

@@ -97,12 +97,17 @@ def test_find_max_batch_is_the_edge_of_what_fits(monkeypatch, tiny_config, shape
 
   monkeypatch.setattr(planning, "plan", fake_plan)
   topo = planning.tpu_topology("v5e:2x2")
-  best, runs = planning.find_max_batch(tiny_config, topo, multiple=8, log=lambda m: None)
-  assert best["per_chip_batch"] == edge // 8 * 8 and best["fits"], [r["per_chip_batch"] for r in runs]
-  verdicts = [(r["per_chip_batch"], r["fits"]) for r in runs]
-  assert all(f == (b <= edge) for b, f in verdicts)
-  assert (edge // 8 * 8 + 8, False) in verdicts
-  assert len(runs) == len(set(b for b, _ in verdicts)) <= 4 + 2 * int(np.log2(edge)), verdicts
+  # start: None (probes and a linear fit), at the edge (two compiles), far below or above it.
+  for start in (None, edge // 8 * 8, 8, 4 * edge + 8):
+    best, runs = planning.find_max_batch(tiny_config, topo, start=start, multiple=8,
+                                         log=lambda m: None)
+    verdicts = [(r["per_chip_batch"], r["fits"]) for r in runs]
+    assert best["per_chip_batch"] == edge // 8 * 8 and best["fits"], (start, verdicts)
+    assert all(f == (b <= edge) for b, f in verdicts)
+    assert (edge // 8 * 8 + 8, False) in verdicts
+    assert len(runs) == len(set(b for b, _ in verdicts)) <= 4 + 2 * int(np.log2(edge)), verdicts
+    if start == edge // 8 * 8:
+      assert [b for b, _ in verdicts] == [start, start + 8], verdicts
 
 
 def test_multi_host_cli_json_and_fsdp_state(tiny_config):
@@ -137,7 +142,7 @@ def test_multi_host_cli_json_and_fsdp_state(tiny_config):
     (["--topology=v9z:2x2"], "unknown TPU generation"),
     (["--topology=v5e:3x3"], "libtpu refuses it"),
     (["--topology=v5e-8"], "expected GENERATION:AxB"),
-    (["--topology=v5e:2x2", "--per_chip_batch=4", "--find_max_batch"], "exclude each other"),
+    (["--topology=v5e:2x2", "--per_chip_batch=0"], "per-chip batch 0: must be a positive"),
     (["--topology=v5e:2x2", "--per_chip_batch=x"], "per_chip_batch"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle):
